@@ -1,0 +1,195 @@
+"""Project and user configuration.
+
+A *project* is a directory holding ``environment-specs/``, ``lockfiles/`` and an
+optional ``provisioner.toml``. Settings are taken, strongest first, from
+command-line options, ``PROVISIONER_*`` environment variables, the project's
+``provisioner.toml`` and built-in defaults. Relative paths in the file are
+relative to the project directory.
+
+Example ``provisioner.toml``::
+
+    home = ".provisioner"               # where envs are built (default: per-user data dir)
+    backend = "rattler"                 # or "micromamba", "mamba", "conda"
+    channel-root = "tests/data/conda-mirror"  # <root>/<channel name> mirrors each channel
+
+    [channels]                          # explicit mirrors win over channel-root
+    pytorch = "/mirrors/pytorch"
+
+    [pip]
+    find-links = ["wheels"]             # local wheel dirs for the pip layer
+    no-index = true
+
+    [legacy]
+    root = "environments"
+    policy = "prefer"                   # prefer | fallback | ignore
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import SpecError
+
+CONFIG_FILE_NAME = "provisioner.toml"
+SPECS_DIR_NAME = "environment-specs"
+LOCKS_DIR_NAME = "lockfiles"
+LEGACY_POLICIES = ("prefer", "fallback", "ignore")
+_KNOWN_KEYS = {"home", "backend", "channel-root", "channels", "pip", "legacy", "build"}
+
+
+@dataclass(frozen=True)
+class PipSettings:
+    """Where the pip layer looks for wheels; empty means uv's own configuration."""
+
+    index_url: str | None = None
+    find_links: tuple[str, ...] = ()
+    no_index: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings for one project."""
+
+    project: Path
+    home: Path
+    backend: str | None = None
+    channel_root: Path | None = None
+    channel_mirrors: Mapping[str, str] = field(default_factory=dict)
+    pip: PipSettings = PipSettings()
+    legacy_root: Path | None = None
+    legacy_policy: str = "prefer"
+    force_copy: bool = False
+
+    @property
+    def specs_dir(self) -> Path:
+        return self.project / SPECS_DIR_NAME
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.project / LOCKS_DIR_NAME
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """Return a copy with the given non-``None`` fields replaced."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def default_home() -> Path:
+    """The per-user data directory used when no home is configured."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "provisioner"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "provisioner"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "provisioner"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path.name}: invalid TOML: {exc}") from None
+
+
+def _resolve(project: Path, value: object, what: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{CONFIG_FILE_NAME}: '{what}' must be a non-empty string")
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else (project / path)
+
+
+def _mirror_location(project: Path, value: object, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{CONFIG_FILE_NAME}: channel mirror for '{name}' must be a string")
+    if "://" in value:
+        return value
+    return str(_resolve(project, value, f"channels.{name}"))
+
+
+def load_config(
+    project: Path | str | None = None,
+    *,
+    home: Path | str | None = None,
+    channel_root: Path | str | None = None,
+    backend: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load the configuration of ``project`` (default: the current directory)."""
+    env = os.environ if environ is None else environ
+    project_dir = Path(project if project is not None else os.getcwd()).absolute()
+    data: dict[str, Any] = {}
+    cfg_path = project_dir / CONFIG_FILE_NAME
+    if cfg_path.is_file():
+        data = _read_toml(cfg_path)
+        unknown = sorted(set(data) - _KNOWN_KEYS)
+        if unknown:
+            raise SpecError(
+                f"{CONFIG_FILE_NAME}: unknown setting(s) {', '.join(unknown)}",
+                hint=f"known settings: {', '.join(sorted(_KNOWN_KEYS))}",
+            )
+
+    mirrors_raw = data.get("channels", {})
+    if not isinstance(mirrors_raw, dict):
+        raise SpecError(f"{CONFIG_FILE_NAME}: [channels] must be a table of name = location")
+    mirrors = {str(k): _mirror_location(project_dir, v, str(k)) for k, v in mirrors_raw.items()}
+
+    pip_raw = data.get("pip", {})
+    if not isinstance(pip_raw, dict):
+        raise SpecError(f"{CONFIG_FILE_NAME}: [pip] must be a table")
+    find_links = pip_raw.get("find-links", [])
+    if not isinstance(find_links, list):
+        raise SpecError(f"{CONFIG_FILE_NAME}: pip.find-links must be a list")
+    pip = PipSettings(
+        index_url=pip_raw.get("index-url"),
+        find_links=tuple(
+            v if "://" in v else str(_resolve(project_dir, v, "pip.find-links"))
+            for v in find_links
+        ),
+        no_index=bool(pip_raw.get("no-index", False)),
+    )
+
+    legacy_raw = data.get("legacy", {})
+    if not isinstance(legacy_raw, dict):
+        raise SpecError(f"{CONFIG_FILE_NAME}: [legacy] must be a table")
+    policy = str(env.get("PROVISIONER_LEGACY_POLICY") or legacy_raw.get("policy", "prefer"))
+    if policy not in LEGACY_POLICIES:
+        raise SpecError(
+            f"legacy policy {policy!r} is not one of {', '.join(LEGACY_POLICIES)}"
+        )
+    legacy_root_value = env.get("PROVISIONER_LEGACY_ROOT") or legacy_raw.get("root")
+    legacy_root = (
+        _resolve(project_dir, legacy_root_value, "legacy.root")
+        if legacy_root_value
+        else project_dir / "environments"
+    )
+
+    home_value = home or env.get("PROVISIONER_HOME") or data.get("home")
+    home_path = (
+        _resolve(project_dir, str(home_value), "home") if home_value else default_home()
+    )
+    root_value = channel_root or env.get("PROVISIONER_CHANNEL_ROOT") or data.get("channel-root")
+    root_path = _resolve(project_dir, str(root_value), "channel-root") if root_value else None
+    build_raw = data.get("build", {})
+    force_copy = bool(build_raw.get("force-copy", False)) if isinstance(build_raw, dict) else False
+
+    return Config(
+        project=project_dir,
+        home=home_path.absolute(),
+        backend=backend or env.get("PROVISIONER_BACKEND") or data.get("backend"),
+        channel_root=root_path,
+        channel_mirrors=mirrors,
+        pip=pip,
+        legacy_root=legacy_root,
+        legacy_policy=policy,
+        force_copy=force_copy or env.get("PROVISIONER_FORCE_COPY") == "1",
+    )

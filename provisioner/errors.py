@@ -1,0 +1,79 @@
+"""The one exception hierarchy of provisioner.
+
+Every error carries a one-line ``message`` and an optional ``hint`` that tells
+the user what to do next. ``UserError`` subclasses describe mistakes in input
+(specs, keys, options, lockfiles) and map to exit code 2; everything else is an
+internal failure (exit code 3). The CLI prints neither as a traceback for a
+``UserError``.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+
+
+class ProvisionerError(Exception):
+    """Root of every error provisioner raises on purpose."""
+
+    exit_code = EXIT_INTERNAL_ERROR
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UserError(ProvisionerError):
+    """The input was wrong; the user can fix it."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class InvalidKeyError(UserError):
+    """An env key that is not a safe, portable name."""
+
+
+class SpecError(UserError):
+    """An environment spec, models.yml or config file is malformed."""
+
+
+class LockfileError(UserError):
+    """A lockfile is missing, malformed or does not match its spec."""
+
+
+class SolveError(UserError):
+    """The solver found no set of packages that satisfies a spec."""
+
+
+class PipLayerError(UserError):
+    """The pip layer of a spec cannot be locked or installed."""
+
+
+class BuildError(ProvisionerError):
+    """Building or promoting an environment failed."""
+
+
+class IntegrityError(BuildError):
+    """A package's content does not match the hash in the lock."""
+
+
+class LockTimeoutError(UserError):
+    """Another process held the key's lock for longer than allowed."""
+
+
+class CudaMismatchError(UserError):
+    """The host's CUDA driver is older than the lock needs."""
+
+
+class ResolutionError(UserError):
+    """No environment can serve a model."""
+
+
+class ToolMissingError(UserError):
+    """An external program that the chosen configuration needs is not installed."""
