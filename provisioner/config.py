@@ -102,6 +102,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _resolve(project: Path, value: object, what: str) -> Path:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if not isinstance(value, str) or not value:
         raise SpecError(f"{CONFIG_FILE_NAME}: '{what}' must be a non-empty string")
     path = Path(os.path.expanduser(value))
@@ -152,7 +154,9 @@ def load_config(
     pip = PipSettings(
         index_url=pip_raw.get("index-url"),
         find_links=tuple(
-            v if "://" in v else str(_resolve(project_dir, v, "pip.find-links"))
+            v
+            if isinstance(v, str) and "://" in v
+            else str(_resolve(project_dir, v, "pip.find-links"))
             for v in find_links
         ),
         no_index=bool(pip_raw.get("no-index", False)),
@@ -175,10 +179,10 @@ def load_config(
 
     home_value = home or env.get("PROVISIONER_HOME") or data.get("home")
     home_path = (
-        _resolve(project_dir, str(home_value), "home") if home_value else default_home()
+        _resolve(project_dir, home_value, "home") if home_value else default_home()
     )
     root_value = channel_root or env.get("PROVISIONER_CHANNEL_ROOT") or data.get("channel-root")
-    root_path = _resolve(project_dir, str(root_value), "channel-root") if root_value else None
+    root_path = _resolve(project_dir, root_value, "channel-root") if root_value else None
     build_raw = data.get("build", {})
     force_copy = bool(build_raw.get("force-copy", False)) if isinstance(build_raw, dict) else False
 

@@ -143,7 +143,8 @@ def parse_spec(text: str, *, source: Path | str, expected_key: str | None = None
         try:
             Requirement(req)
         except InvalidRequirement as exc:
-            raise SpecError(f"{name}: pip requirement {req!r} is invalid: {exc}") from None
+            reason = str(exc).splitlines()[0]  # packaging adds the text and a caret below
+            raise SpecError(f"{name}: pip requirement {req!r} is invalid: {reason}") from None
 
     own = data.get("x-provisioner") or {}
     if not isinstance(own, dict):
@@ -161,7 +162,8 @@ def parse_spec(text: str, *, source: Path | str, expected_key: str | None = None
         try:
             Requirement(req)
         except InvalidRequirement as exc:
-            raise SpecError(f"{name}: provides entry {req!r} is invalid: {exc}") from None
+            reason = str(exc).splitlines()[0]
+            raise SpecError(f"{name}: provides entry {req!r} is invalid: {reason}") from None
     imports = _str_list(own.get("imports", []), "x-provisioner.imports", name)
     overrides_raw = own.get("virtual-packages", {})
     if not isinstance(overrides_raw, dict):
