@@ -154,7 +154,11 @@ def parse_spec(text: str, *, source: Path | str, expected_key: str | None = None
         raise SpecError(f"{name}: unknown x-provisioner field(s) {', '.join(unknown_own)}")
     cuda = own.get("cuda")
     if cuda is not None:
-        cuda = str(cuda)
+        if not isinstance(cuda, str):
+            raise SpecError(
+                f"{name}: x-provisioner.cuda must be a quoted string",
+                hint='write cuda: "12.1" (unquoted, YAML reads 12.10 as the number 12.1)',
+            )
         if not all(part.isdigit() for part in cuda.split(".")):
             raise SpecError(f"{name}: x-provisioner.cuda {cuda!r} is not a version like '12.1'")
     provides = _str_list(own.get("provides", []), "x-provisioner.provides", name)
