@@ -78,6 +78,10 @@ class LockData:
 
 def validate_hashes(pkg: LockedPackage, source: str) -> None:
     """Reject a package whose hashes are not well-formed lower-case hex."""
+    # conda-lock v1 allows md5-only entries (old pytorch-nightly packages have no sha256);
+    # building requires a sha256 and checks that separately.
+    if pkg.sha256 is None and pkg.md5 is not None and _MD5_RE.fullmatch(pkg.md5):
+        return
     if pkg.sha256 is None or not _SHA256_RE.fullmatch(pkg.sha256):
         raise LockfileError(
             f"{source}: package {pkg.name} {pkg.version} ({pkg.platform}) has a malformed "

@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from provisioner.config import Config
 from provisioner.errors import UserError
 from provisioner.lockmodel import LockData, LockedPackage
 
@@ -119,6 +121,40 @@ def summarize_lock(
         total=sum(p.total for p in per_platform),
         per_platform=per_platform,
     )
+
+
+def show_lock(config: Config, target: str, *, platform: str | None = None) -> LockSummary:
+    """Summarise ``target``: a lockfile path, or the key of one of the project's locks."""
+    from provisioner.condalock_adapter import read_lockfile
+    from provisioner.keys import validate_env_key
+    from provisioner.lockcheck import lockfile_path
+
+    path = Path(target)
+    if path.is_file():
+        return summarize_lock(read_lockfile(path), path=str(target), platform=platform)
+    key = validate_env_key(target)
+    data = read_lockfile(lockfile_path(config.locks_dir, key))
+    return summarize_lock(with_pip_layer(data, config.locks_dir, key), path=key, platform=platform)
+
+
+def with_pip_layer(data: LockData, locks_dir: Path, key: str) -> LockData:
+    """``data`` plus the hash-pinned pip layer files that sit beside a project lock."""
+    from provisioner.lockcheck import pip_lock_path
+    from provisioner.piplayer import parse_pip_lock
+
+    extra = []
+    for platform in data.platforms:
+        pip_file = pip_lock_path(locks_dir, key, platform)
+        if not pip_file.is_file():
+            continue
+        for pin in parse_pip_lock(pip_file.read_text(encoding="utf-8")):
+            extra.append(
+                LockedPackage(
+                    name=pin.name, version=pin.version, manager="pip", platform=platform,
+                    url="", sha256=pin.hashes[0].removeprefix("sha256:") if pin.hashes else None,
+                )
+            )
+    return replace(data, packages=data.packages + tuple(extra))
 
 
 def render_summary_text(summary: LockSummary) -> list[str]:

@@ -196,13 +196,8 @@ def test_render_text(real_lock: RealLock) -> None:
         assert ps.pytorch is not None and ps.pytorch in text
 
 
-def test_read_lockfile_checks_hashes_of_real_lock(
-    real_lock: RealLock, request: pytest.FixtureRequest
-) -> None:
-    if real_lock.name == TIGHT:
-        # pytorch-mutex from pytorch-nightly is locked with an md5 only, which conda-lock v1
-        # allows; lockmodel.validate_hashes still demands a sha256.
-        request.applymarker(pytest.mark.xfail(reason="md5-only conda entry rejected", strict=False))
+def test_read_lockfile_checks_hashes_of_real_lock(real_lock: RealLock) -> None:
+    # The tight-budget lock has an md5-only pytorch-mutex (pytorch-nightly), which v1 allows.
     assert real_lock.strict_read_error is None, real_lock.strict_read_error
 
 

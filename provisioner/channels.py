@@ -1,0 +1,99 @@
+"""Channel names, their canonical URLs, and local mirrors.
+
+Lockfiles always name a package by its channel's canonical URL
+(``https://conda.anaconda.org/<channel>/<subdir>/<file>``), wherever it was
+solved from. A *mirror* (``[channels]`` in ``provisioner.toml``, or
+``<channel-root>/<name>``) only changes where metadata and packages are read
+from, the way pixi's mirror configuration does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+from provisioner.config import Config
+from provisioner.errors import SpecError
+
+CANONICAL_BASE = "https://conda.anaconda.org"
+
+
+@dataclass(frozen=True)
+class ChannelSource:
+    """One channel of a spec: its canonical URL and where it is read from."""
+
+    name: str  # as written in the spec
+    canonical: str  # no trailing slash
+    source: str  # URL to read from (file:// for local mirrors), no trailing slash
+
+    @property
+    def is_mirrored(self) -> bool:
+        return self.source != self.canonical
+
+    def to_canonical(self, url: str) -> str:
+        """Rewrite a package URL read from the source into its canonical form."""
+        prefix = self.source + "/"
+        if url.startswith(prefix):
+            return self.canonical + "/" + url[len(prefix):]
+        return url
+
+    def to_source(self, url: str) -> str:
+        """Rewrite a canonical package URL into the URL to download it from."""
+        prefix = self.canonical + "/"
+        if url.startswith(prefix):
+            return self.source + "/" + url[len(prefix):]
+        return url
+
+
+def canonical_channel_url(name: str) -> str:
+    """``pytorch`` -> ``https://conda.anaconda.org/pytorch``; URLs stay as they are."""
+    if "://" in name:
+        return name.rstrip("/")
+    if not name.strip("/") or any(c.isspace() for c in name):
+        raise SpecError(f"channel {name!r} is neither a channel name nor a URL")
+    return f"{CANONICAL_BASE}/{name.strip('/')}"
+
+
+def path_to_file_url(path: Path) -> str:
+    """A ``file://`` URL for a local directory (absolute, no trailing slash)."""
+    return path.absolute().as_uri().rstrip("/")
+
+
+def file_url_to_path(url: str) -> Path:
+    """The local path of a ``file://`` URL."""
+    parsed = urlparse(url)
+    return Path(url2pathname(unquote(parsed.path)))
+
+
+def resolve_channels(channels: tuple[str, ...] | list[str], config: Config) -> list[ChannelSource]:
+    """Map each spec channel to its canonical URL and its (possibly mirrored) source."""
+    result = []
+    for name in channels:
+        canonical = canonical_channel_url(name)
+        short = name.strip("/") if "://" not in name else name
+        mirror = config.channel_mirrors.get(short) or config.channel_mirrors.get(canonical)
+        source = canonical
+        if mirror is not None:
+            source = mirror.rstrip("/") if "://" in mirror else path_to_file_url(Path(mirror))
+            if "://" not in mirror and not Path(mirror).is_dir():
+                raise SpecError(
+                    f"mirror of channel '{name}' is not a directory: {Path(mirror).name}",
+                    hint="fix [channels] in provisioner.toml",
+                )
+        elif config.channel_root is not None and "://" not in name:
+            candidate = config.channel_root / short
+            if candidate.is_dir():
+                source = path_to_file_url(candidate)
+        result.append(ChannelSource(name=name, canonical=canonical, source=source))
+    return result
+
+
+def source_for_url(url: str, sources: list[ChannelSource]) -> str:
+    """Where to download a canonical package URL from, given the configured mirrors."""
+    for src in sources:
+        rewritten = src.to_source(url)
+        if rewritten != url:
+            return rewritten
+    return url

@@ -1,0 +1,193 @@
+"""The command-line skin: parse options, call one library function, render text or JSON.
+
+Nothing below this module prints or exits; errors arrive as
+:class:`~provisioner.errors.ProvisionerError` and become one-line messages with
+a hint and an exit code (2 for user errors, 3 for internal ones).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from provisioner import __version__
+from provisioner.config import Config, load_config
+from provisioner.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL_ERROR,
+    EXIT_USER_ERROR,
+    ProvisionerError,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _emit_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("provisioner")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def project_options(func: F) -> F:
+    """Options every project-level command shares."""
+    func = click.option(
+        "--project", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Project directory holding environment-specs/ and lockfiles/ (default: cwd).",
+    )(func)
+    return func
+
+
+def _config(ctx: click.Context, project: Path | None, **overrides: Any) -> Config:
+    root = ctx.find_root().params
+    return load_config(
+        project,
+        home=overrides.get("home") or root.get("home"),
+        channel_root=overrides.get("channel_root"),
+        backend=overrides.get("backend"),
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="provisioner")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="PROVISIONER_HOME", help="Root for built envs (env: PROVISIONER_HOME).")
+def cli(verbose: int, quiet: bool, home: Path | None) -> None:
+    """Shared, lock-pinned conda environments for GPU models."""
+    _setup_logging(verbose, quiet)
+
+
+@cli.command("lock")
+@click.argument("keys", nargs=-1)
+@project_options
+@click.option("--check", is_flag=True, help="Only check that locks match their specs (no solve).")
+@click.option("--update", "update", multiple=True, metavar="PKG",
+              help="Relock only PKG, holding every other package at its locked version.")
+@click.option("--update-all", is_flag=True, help="Relock letting every package move.")
+@click.option("--channel-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory whose <name> subdirs mirror each named channel.")
+@click.option("--skip-pip", is_flag=True,
+              help="Keep the existing pip-layer locks instead of re-resolving them (offline).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def lock_cmd(
+    ctx: click.Context, keys: tuple[str, ...], project: Path | None, check: bool,
+    update: tuple[str, ...], update_all: bool, channel_root: Path | None, skip_pip: bool,
+    as_json: bool,
+) -> None:
+    """Solve KEYS (default: every spec) and write lockfiles/<key>.conda-lock.yml."""
+    config = _config(ctx, project, channel_root=channel_root)
+    if check:
+        from provisioner.lockcheck import check_locks
+
+        results = check_locks(config, list(keys) or None)
+        if as_json:
+            _emit_json({"ok": all(r.ok for r in results), "keys": [r.to_dict() for r in results]})
+        else:
+            for r in results:
+                if r.ok:
+                    click.echo(f"ok      {r.key}")
+                else:
+                    click.echo(f"STALE   {r.key}: {'; '.join(r.reasons)}")
+        if not all(r.ok for r in results):
+            ctx.exit(EXIT_CHECK_FAILED)
+        return
+    from provisioner.locker import lock_envs
+
+    outcomes = lock_envs(
+        config, list(keys) or None, update=update, update_all=update_all, skip_pip=skip_pip
+    )
+    if as_json:
+        _emit_json([o.to_dict() for o in outcomes])
+        return
+    for o in outcomes:
+        counts = ", ".join(f"{p}: {n} conda" + (f" + {o.pip_counts[p]} pip" if p in o.pip_counts
+                           else "") for p, n in o.counts.items())
+        state = "updated" if o.changed else "unchanged"
+        click.echo(f"{o.key}: {state} {config.locks_dir.name}/{o.lockfile.name} ({counts})")
+
+
+@cli.command("show-lock")
+@click.argument("target")
+@project_options
+@click.option("--platform", default=None, help="Only this platform.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def show_lock_cmd(
+    ctx: click.Context, target: str, project: Path | None, platform: str | None, as_json: bool
+) -> None:
+    """Summarise a conda-lock file (a PATH, or the KEY of a project lock)."""
+    from provisioner.showlock import render_summary_text, show_lock
+
+    config = _config(ctx, project)
+    summary = show_lock(config, target, platform=platform)
+    if as_json:
+        _emit_json(summary.to_dict())
+    else:
+        for line in render_summary_text(summary):
+            click.echo(line)
+
+
+@cli.command("sample")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def sample_cmd(dest: Path, as_json: bool) -> None:
+    """Write a ready, offline sample project (local channel, specs, locks) into DEST."""
+    from provisioner.sample import create_sample_project
+
+    result = create_sample_project(dest)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"sample project written to {dest}")
+    for key in result.keys:
+        click.echo(f"  locked {key}")
+    click.echo(f"try: cd {dest} && provisioner lock --check")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and turn errors into exit codes."""
+    try:
+        code = cli.main(args=argv, prog_name="provisioner", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USER_ERROR
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        code = EXIT_USER_ERROR
+    except ProvisionerError as exc:
+        message = exc.message if exc.exit_code == EXIT_USER_ERROR else f"internal: {exc.message}"
+        click.echo(f"error: {message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        if os.environ.get("PROVISIONER_DEBUG") and exc.exit_code != EXIT_USER_ERROR:
+            raise
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        code = 130
+    except Exception as exc:
+        if os.environ.get("PROVISIONER_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo("hint: rerun with PROVISIONER_DEBUG=1 for a traceback and report it", err=True)
+        code = EXIT_INTERNAL_ERROR
+    sys.exit(code if isinstance(code, int) else 0)

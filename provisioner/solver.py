@@ -1,0 +1,119 @@
+"""Solving conda specs with py-rattler (imported lazily: it is not needed on the hot path)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from provisioner.channels import ChannelSource
+from provisioner.errors import SolveError, SpecError
+from provisioner.lockmodel import LockedPackage
+from provisioner.platforms import VirtualPackages
+
+
+def _split_dependency(dep: str) -> tuple[str, str]:
+    name, _sep, rest = dep.strip().partition(" ")
+    return name, rest.strip()
+
+
+def record_to_locked(record: Any, platform: str, channel: ChannelSource | None) -> LockedPackage:
+    """Turn a rattler ``RepoDataRecord`` into a lock entry with a canonical URL."""
+    deps: dict[str, str] = {}
+    for dep in record.depends:
+        name, rest = _split_dependency(dep)
+        deps[name] = f"{deps[name]},{rest}" if name in deps and rest else rest
+    url = str(record.url)
+    if channel is not None:
+        url = channel.to_canonical(url)
+    return LockedPackage(
+        name=record.name.source,
+        version=str(record.version),
+        manager="conda",
+        platform=platform,
+        url=url,
+        sha256=record.sha256.hex() if record.sha256 else None,
+        md5=record.md5.hex() if record.md5 else None,
+        dependencies=tuple(sorted(deps.items())),
+    )
+
+
+def _match_specs(specs: Sequence[str]) -> list[Any]:
+    import rattler
+
+    result = []
+    for spec in specs:
+        try:
+            result.append(rattler.MatchSpec(spec))
+        except Exception as exc:  # rattler raises its own InvalidMatchSpecError
+            raise SpecError(f"dependency {spec!r} is not a valid conda match spec: {exc}") from None
+    return result
+
+
+def _virtual_packages(vps: VirtualPackages) -> list[Any]:
+    import rattler
+
+    return [
+        rattler.GenericVirtualPackage(
+            rattler.PackageName(name), rattler.Version(version), rattler.BuildString(build)
+        )
+        for name, (version, build) in vps.items()
+    ]
+
+
+def solve_platform(
+    *,
+    key: str,
+    channels: Sequence[ChannelSource],
+    specs: Sequence[str],
+    platform: str,
+    virtual_packages: VirtualPackages,
+    constraints: Sequence[str] = (),
+    preferred: Sequence[Any] = (),
+) -> list[LockedPackage]:
+    """Solve ``specs`` for one ``platform``; return lock entries sorted by name.
+
+    ``constraints`` restrict versions without requiring packages (used to hold
+    locked packages in place during ``lock --update``); ``preferred`` records
+    are kept where the specs still allow them.
+    """
+    import rattler
+
+    match_specs = _match_specs(specs)
+    subdirs: list[Any] = [platform, "noarch"]
+    try:
+        records = asyncio.run(
+            rattler.solve(
+                sources=[rattler.Channel(c.source) for c in channels],
+                specs=match_specs,
+                platforms=subdirs,
+                virtual_packages=_virtual_packages(virtual_packages),
+                constraints=_match_specs(constraints) if constraints else None,
+                locked_packages=list(preferred) or None,
+                channel_priority=rattler.ChannelPriority.Strict,
+            )
+        )
+    except Exception as exc:
+        name = type(exc).__name__
+        text = str(exc).strip() or name
+        if "Solver" in name or "Unsolvable" in name or "cannot be installed" in text:
+            raise SolveError(
+                f"{key} ({platform}): the spec cannot be solved:\n{text}",
+                hint="relax a version pin in the spec or add the channel that has the package",
+            ) from None
+        first = text.splitlines()[0]
+        raise SolveError(
+            f"{key} ({platform}): could not read channel metadata: {first}",
+            hint="check the channel names, [channels] mirrors and --channel-root",
+        ) from None
+    by_source = {c.source.rstrip("/"): c for c in channels}
+    locked = []
+    for record in records:
+        channel = by_source.get(str(record.channel).rstrip("/"))
+        locked.append(record_to_locked(record, platform, channel))
+    return sorted(locked, key=lambda p: p.name)
+
+
+def exact_constraint(pkg: LockedPackage) -> str:
+    """A match spec that holds ``pkg`` at its locked version and build."""
+    return f"{pkg.name} =={pkg.version} {pkg.build}" if pkg.build else f"{pkg.name} =={pkg.version}"
