@@ -1,0 +1,417 @@
+"""Every filesystem mutation provisioner makes.
+
+Writes are atomic (temp file in the same directory, fsync, rename), deletions
+only touch trees that carry provisioner's marker file, renames survive the
+transient locks that antivirus and indexers hold on Windows, and directory
+copies never leave a half-copied destination behind. On Windows every walk
+uses extended-length (``\\\\?\\``) paths, because conda prefixes easily exceed
+260 characters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import ntpath
+import os
+import secrets
+import shutil
+import stat
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePath, PureWindowsPath
+
+from provisioner.errors import BuildError
+
+MARKER_NAME = ".provisioner-owned"
+RENAME_RETRY_BUDGET_S = 25.0
+# ERROR_ACCESS_DENIED and ERROR_SHARING_VIOLATION: a scanner or indexer holds a handle.
+_TRANSIENT_WINERRORS = (5, 32)
+_FIRST_DELAY_S = 0.05
+_MAX_DELAY_S = 2.0
+_IS_WINDOWS = sys.platform == "win32"
+
+
+class UnsafeDeleteError(BuildError):
+    """A deletion was refused because the target is not provably provisioner's."""
+
+
+def to_extended_path(path: str | PurePath, *, windows: bool | None = None) -> str:
+    """Return ``path`` in Windows extended-length form (``\\\\?\\C:\\...``).
+
+    On POSIX (``windows`` false, or unset on a non-Windows host) the path comes
+    back unchanged. Otherwise it is normalised (``.``/``..`` collapsed, ``/``
+    turned into ``\\``) and prefixed: ``\\\\?\\C:\\...`` for drive paths,
+    ``\\\\?\\UNC\\server\\share\\...`` for UNC paths. Paths already in device
+    form (``\\\\?\\`` or ``\\\\.\\``) are left alone. A relative path is made
+    absolute on a real Windows host and left unprefixed elsewhere, since the
+    prefix is only valid on fully qualified paths.
+    """
+    text = os.fspath(path)
+    if windows is None:
+        windows = _IS_WINDOWS
+    if not windows:
+        return text
+    if text.startswith(("\\\\?\\", "\\\\.\\")):
+        return text
+    normed = ntpath.normpath(text)
+    pure = PureWindowsPath(normed)
+    if not (pure.drive and pure.root) and _IS_WINDOWS:
+        normed = ntpath.abspath(normed)
+        pure = PureWindowsPath(normed)
+    if not (pure.drive and pure.root):
+        return normed
+    if pure.drive.startswith("\\\\"):
+        return "\\\\?\\UNC\\" + normed[2:]
+    return "\\\\?\\" + normed
+
+
+def _os_path(path: str | PurePath) -> str:
+    """The string to hand to the OS: extended-length on Windows, as is elsewhere."""
+    return to_extended_path(path) if _IS_WINDOWS else os.fspath(path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk so that a rename inside it survives a crash.
+
+    A no-op on Windows, which cannot open directories this way, and on
+    filesystems that refuse to fsync directories.
+    """
+    if _IS_WINDOWS:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or new file, never a mix."""
+    for _ in range(100):
+        tmp = _temp_sibling(path, "tmp")
+        try:
+            # 0o666 so that the process umask decides the mode, as for a plain open().
+            fd = os.open(_os_path(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 100 random-name collisions in a row
+        raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        rename_with_retry(tmp, path, rename=os.replace)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(_os_path(tmp))
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_pointer(path: Path, value: str) -> None:
+    """Atomically point a small pointer file (such as an active generation) at ``value``."""
+    if not value or "\n" in value or "\r" in value:
+        raise ValueError(f"a pointer value must be one non-empty line, got {value!r}")
+    atomic_write_text(path, value + "\n")
+
+
+def read_pointer(path: Path) -> str | None:
+    """The value written by :func:`replace_pointer`, or ``None`` if there is none."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return value or None
+
+
+def write_marker(directory: Path, role: str) -> None:
+    """Mark ``directory`` as created and owned by provisioner, in the given ``role``."""
+    payload = {"owner": "provisioner", "role": role}
+    atomic_write_text(directory / MARKER_NAME, json.dumps(payload, sort_keys=True) + "\n")
+
+
+def read_marker(directory: Path) -> str | None:
+    """The role recorded in ``directory``'s marker; ``None`` if it has no valid marker."""
+    marker = directory / MARKER_NAME
+    try:
+        if not stat.S_ISREG(marker.lstat().st_mode):
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    role = data.get("role") if isinstance(data, dict) else None
+    return role if isinstance(role, str) else None
+
+
+def has_marker(directory: Path) -> bool:
+    """Whether ``directory`` holds provisioner's marker as a regular file."""
+    try:
+        return stat.S_ISREG((directory / MARKER_NAME).lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _is_junction(st: os.stat_result) -> bool:
+    tag = getattr(st, "st_reparse_tag", 0)
+    return bool(tag) and tag == getattr(stat, "IO_REPARSE_TAG_MOUNT_POINT", -1)
+
+
+def _add_mode(path: str, bits: int) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISLNK(mode):
+            os.chmod(path, stat.S_IMODE(mode) | bits)
+    except OSError:
+        pass
+
+
+def _retry_writable(op: Callable[[str], None], path: str, parent: str | None) -> None:
+    """Run ``op(path)``; on a permission error make path and parent writable, then retry."""
+    try:
+        op(path)
+    except PermissionError:
+        # Windows refuses to delete read-only files; POSIX refuses entries of read-only dirs.
+        _add_mode(path, stat.S_IWRITE)
+        if parent is not None:
+            _add_mode(parent, stat.S_IRWXU)
+        op(path)
+
+
+def _list_dir(path: str, *, repair: bool = False) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except PermissionError:
+        if not repair:
+            raise
+        _add_mode(path, stat.S_IRWXU)
+        with os.scandir(path) as it:
+            return list(it)
+
+
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    if not entry.is_dir(follow_symlinks=False):
+        return False
+    return not (_IS_WINDOWS and _is_junction(entry.stat(follow_symlinks=False)))
+
+
+def _remove_tree(top: str) -> None:
+    # Iterative post-order walk: no recursion limit, never follows links or junctions.
+    top_dev = os.lstat(top).st_dev
+    stack: list[tuple[str, str | None, bool]] = [(top, None, False)]
+    while stack:
+        directory, parent, listed = stack.pop()
+        if listed:
+            _retry_writable(os.rmdir, directory, parent)
+            continue
+        stack.append((directory, parent, True))
+        for entry in _list_dir(directory, repair=True):
+            if _is_real_dir(entry):
+                # Like rm --one-file-system: a mount inside the tree is someone else's data.
+                if not _IS_WINDOWS and entry.stat(follow_symlinks=False).st_dev != top_dev:
+                    raise UnsafeDeleteError(
+                        f"refusing to delete {entry.path}: another filesystem is mounted there"
+                    )
+                stack.append((entry.path, directory, False))
+            else:
+                # os.unlink also removes directory symlinks and junctions on Windows.
+                _retry_writable(os.unlink, entry.path, directory)
+
+
+def _refuse_reason(path: Path) -> str | None:
+    real = Path(os.path.realpath(path))
+    if real.parent == real:
+        return "it is a filesystem root"
+    try:
+        home = Path.home().resolve()
+    except (KeyError, RuntimeError):
+        home = None
+    if home is not None and (real == home or real in home.parents):
+        return "it is the home directory or one of its parents"
+    return None
+
+
+def safe_rmtree(path: Path, *, require_marker: bool = True) -> None:
+    """Delete the directory tree at ``path``, but only if it is provably provisioner's.
+
+    Refuses (``UnsafeDeleteError``) a symlink or junction as the root, a
+    non-directory, a filesystem root, the home directory or one of its parents,
+    and, when ``require_marker``, any directory without provisioner's marker.
+    Links inside the tree are unlinked, never followed, so their targets
+    survive. Read-only files and directories are made writable and retried. A
+    missing ``path`` is a no-op.
+    """
+    path = Path(os.path.abspath(path))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or _is_junction(st):
+        raise UnsafeDeleteError(
+            f"refusing to delete {path}: it is a link, not a directory",
+            hint="remove the link itself if that is what you meant",
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDeleteError(f"refusing to delete {path}: it is not a directory")
+    reason = _refuse_reason(path)
+    if reason is not None:
+        raise UnsafeDeleteError(f"refusing to delete {path}: {reason}")
+    if require_marker and not has_marker(path):
+        raise UnsafeDeleteError(
+            f"refusing to delete {path}: it has no {MARKER_NAME} marker",
+            hint="provisioner only deletes directories it created; remove it by hand if unwanted",
+        )
+    _remove_tree(_os_path(path))
+
+
+def rename_with_retry(
+    src: Path,
+    dst: Path,
+    *,
+    budget: float = RENAME_RETRY_BUDGET_S,
+    sleep: Callable[[float], None] | None = None,
+    rename: Callable[[str, str], object] | None = None,
+    is_windows: bool | None = None,
+) -> None:
+    """Rename ``src`` to ``dst``, riding out Windows' transient file locks.
+
+    On Windows, WinError 5 and 32 (antivirus or the indexer holding a handle)
+    are retried with exponential backoff for ``budget`` seconds of sleep in
+    total; elsewhere, and for every other error, the first error propagates.
+    In particular ``EXDEV`` surfaces at once so the caller can fall back to
+    :func:`copy_tree_into`. ``sleep`` (default ``time.sleep``) and ``rename``
+    (default ``os.rename``) are injectable so tests can simulate Windows.
+    """
+    if is_windows is None:
+        is_windows = _IS_WINDOWS
+    sleep = time.sleep if sleep is None else sleep
+    rename = os.rename if rename is None else rename
+    src_s, dst_s = _os_path(src), _os_path(dst)
+    delay, slept = _FIRST_DELAY_S, 0.0
+    while True:
+        try:
+            rename(src_s, dst_s)
+            return
+        except OSError as exc:
+            winerror = getattr(exc, "winerror", None)
+            if not (is_windows and winerror in _TRANSIENT_WINERRORS):
+                raise
+            remaining = budget - slept
+            if remaining <= 1e-9:
+                raise
+            wait = min(delay, remaining)
+            sleep(wait)
+            slept += wait
+            delay = min(delay * 2, _MAX_DELAY_S)
+
+
+def _copy_walk(src: str, dst: str) -> None:
+    dirs: list[tuple[str, str]] = []
+    pending = [(src, dst)]
+    while pending:
+        s_dir, d_dir = pending.pop()
+        os.mkdir(d_dir, 0o700)
+        dirs.append((s_dir, d_dir))
+        for entry in _list_dir(s_dir):
+            target = os.path.join(d_dir, entry.name)
+            if entry.is_symlink():
+                link = os.readlink(entry.path)
+                os.symlink(link, target, target_is_directory=_IS_WINDOWS and entry.is_dir())
+            elif _is_real_dir(entry):
+                pending.append((entry.path, target))
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copy2(entry.path, target, follow_symlinks=False)
+            else:
+                raise BuildError(f"cannot copy {entry.path}: not a file, directory or symlink")
+    # Modes last and deepest first, so that a read-only directory does not block its children.
+    for s_dir, d_dir in reversed(dirs):
+        shutil.copystat(s_dir, d_dir, follow_symlinks=False)
+
+
+def copy_tree_into(src: Path, dst: Path) -> None:
+    """Copy the tree ``src`` to the new path ``dst`` as one all-or-nothing step.
+
+    The promotion fallback for when a rename cannot be used (``EXDEV``, or a
+    forced copy). The tree is copied into a temporary sibling of ``dst`` (so on
+    ``dst``'s filesystem), keeping symlinks as symlinks and file modes, then
+    renamed to ``dst``. On any failure the temporary copy is removed and the
+    error re-raised, so ``dst`` is either complete or absent.
+    """
+    if os.path.lexists(dst):
+        raise BuildError(f"cannot copy into {dst}: it already exists")
+    if not os.path.isdir(src) or os.path.islink(src):
+        raise BuildError(f"cannot copy {src}: it is not a directory")
+    tmp = _temp_sibling(dst, "copy")
+    try:
+        _copy_walk(_os_path(src), _os_path(tmp))
+        if os.path.lexists(dst):
+            raise BuildError(f"cannot copy into {dst}: it appeared while copying")
+        rename_with_retry(tmp, dst)
+    except BaseException:
+        # A failed cleanup must not hide the error that caused it.
+        with contextlib.suppress(OSError, BuildError):
+            safe_rmtree(tmp, require_marker=False)
+        raise
+    fsync_dir(dst.parent)
+
+
+def tree_size(path: Path) -> int:
+    """Bytes held by the regular files under ``path``.
+
+    Symlinks are not followed, and a file hard-linked several times inside the
+    tree is counted once. A missing ``path`` has size 0.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    pending = [_os_path(path)]
+    while pending:
+        for entry in _list_dir(pending.pop()):
+            if _is_real_dir(entry):
+                pending.append(entry.path)
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_nlink == 0:
+                # Windows' DirEntry.stat leaves st_nlink/st_ino at zero; lstat fills them.
+                st = os.lstat(entry.path)
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+            total += st.st_size
+    return total
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return shutil.disk_usage(_os_path(probe)).free

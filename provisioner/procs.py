@@ -1,0 +1,182 @@
+"""Every subprocess provisioner starts.
+
+Children run in their own process group (session on POSIX), with stdin closed
+unless input is given and output captured as UTF-8 text. On timeout the whole
+group is killed, grandchildren included, so a hung solver or installer never
+outlives the command that started it. Non-zero exit codes are data, not
+exceptions; only a missing program raises (``ToolMissingError``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioner.errors import ToolMissingError
+
+_IS_WINDOWS = sys.platform == "win32"
+if sys.platform == "win32":
+    _CREATION_FLAGS = subprocess.CREATE_NEW_PROCESS_GROUP
+else:
+    _CREATION_FLAGS = 0
+# After the kill, how long to wait for the pipes to close; only a process that
+# left the group (setsid, or a Windows orphan) can hold them open past it.
+_DRAIN_S = 0.25
+_REAP_S = 5.0
+
+
+@dataclass(frozen=True)
+class ProcResult:
+    """What a finished (or timed-out) command did.
+
+    ``returncode`` is ``None`` when the command timed out and was killed.
+    """
+
+    argv: tuple[str, ...]
+    returncode: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command finished in time with exit code 0."""
+        return self.returncode == 0 and not self.timed_out
+
+
+def which(name: str, path: str | None = None) -> str | None:
+    """The full path of program ``name`` on ``path`` (default: ``PATH``), or ``None``."""
+    return shutil.which(name, path=path)
+
+
+def _missing(name: str) -> ToolMissingError:
+    return ToolMissingError(
+        f"'{name}' was not found",
+        hint=f"install {name} or put it on PATH",
+    )
+
+
+def _resolve(argv0: str, env: Mapping[str, str] | None) -> str:
+    if os.sep in argv0 or (os.altsep and os.altsep in argv0):
+        return argv0
+    search = None if env is None else env.get("PATH", os.defpath)
+    found = which(argv0, search)
+    if found is None:
+        raise _missing(argv0)
+    return found
+
+
+def _decode(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", errors="replace")
+    return data
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    if sys.platform == "win32":
+        # taskkill /T walks the parent-child tree; proc.kill() covers a missing taskkill.
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["taskkill", "/T", "/F", "/PID", str(proc.pid)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=_REAP_S,
+                check=False,
+            )
+        with contextlib.suppress(OSError):
+            proc.kill()
+        return
+    # The child leads its own session, so its pid is the group id. The group id
+    # stays reserved while any member (even the unreaped child) exists.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _collect_after_kill(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        out, err = proc.communicate(timeout=_DRAIN_S)
+        return out or "", err or ""
+    except subprocess.TimeoutExpired as exc:
+        out, err = _decode(exc.stdout), _decode(exc.stderr)
+    if not _IS_WINDOWS:
+        # On Windows reader threads still hold these; closing would block on their locks.
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=_REAP_S)
+    return out, err
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    input_text: str | None = None,
+) -> ProcResult:
+    """Run ``argv`` to completion (or ``timeout`` seconds) and return what it did.
+
+    ``env`` replaces the environment entirely when given. On timeout the
+    child's whole process group is killed and reaped, and the result has
+    ``timed_out=True``; the call returns within about ``timeout + 0.5`` s.
+    Raises ``ToolMissingError`` if the program does not exist; never raises
+    for a non-zero exit code.
+    """
+    args = tuple(str(a) for a in argv)
+    if not args:
+        raise ValueError("run() needs a program to run")
+    executable = _resolve(args[0], env)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [executable, *args[1:]],
+            stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            encoding="utf-8",
+            errors="replace",
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            start_new_session=not _IS_WINDOWS,
+            creationflags=_CREATION_FLAGS,
+        )
+    except FileNotFoundError:
+        if cwd is not None and not os.path.isdir(cwd):
+            raise
+        raise _missing(args[0]) from None
+
+    timed_out = False
+    try:
+        out, err = proc.communicate(input_text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+        out, err = _collect_after_kill(proc)
+    except BaseException:
+        _kill_group(proc)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=_REAP_S)
+        raise
+    return ProcResult(
+        argv=args,
+        returncode=None if timed_out else proc.returncode,
+        stdout=out or "",
+        stderr=err or "",
+        timed_out=timed_out,
+        seconds=time.monotonic() - started,
+    )
