@@ -149,7 +149,7 @@ def show_lock_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def sample_cmd(dest: Path, as_json: bool) -> None:
     """Write a ready, offline sample project (local channel, specs, locks) into DEST."""
-    from provisioner.sample import create_sample_project
+    from provisioner.sample_project import create_sample_project
 
     result = create_sample_project(dest)
     if as_json:

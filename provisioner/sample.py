@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tarfile
 import zipfile
@@ -36,11 +35,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from provisioner.config import CONFIG_FILE_NAME, SPECS_DIR_NAME
-from provisioner.errors import UserError
-from provisioner.platforms import host_platform, is_windows_platform, validate_platform
+from provisioner import fsops, procs
+from provisioner.errors import ToolMissingError, UserError
+from provisioner.platforms import is_windows_platform, validate_platform
 
 SAMPLE_CHANNEL = "provisioner-sample"
 PREFIX_PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
@@ -102,9 +99,7 @@ def _json_bytes(data: object) -> bytes:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fsops.atomic_write_bytes(path, data)
 
 
 def _check_file(f: PackageFile) -> None:
@@ -208,15 +203,18 @@ def host_python(python_executable: str | None = None) -> HostPython:
         version = ".".join(str(n) for n in sys.version_info[:3])
         return HostPython(version, os.path.abspath(sys.executable))
     try:
-        out = subprocess.run(
+        result = procs.run(
             [python_executable, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
+            timeout=60,
+        )
+    except ToolMissingError:
+        result = None
+    if result is None or result.returncode != 0:
         raise UserError(
-            f"cannot run the python interpreter {python_executable!r}: {exc}",
+            f"cannot run the python interpreter {python_executable!r}",
             hint="pass the path of a working python 3 interpreter",
-        ) from None
+        )
+    out = result.stdout.strip()
     return HostPython(out, os.path.abspath(python_executable))
 
 
@@ -455,65 +453,3 @@ def build_synthetic_channel(
                             files=files, noarch=noarch)
     index_channel(channel_dir)
     return names
-
-
-def sample_platforms() -> list[str]:
-    """linux-64, win-64 and the host platform if it is neither."""
-    return list(dict.fromkeys([*SAMPLE_PLATFORMS, host_platform()]))
-
-
-def _sample_specs(platforms: list[str]) -> dict[str, dict[str, object]]:
-    cu121 = ["python", "pytorch=2.2.1", "pytorch-cuda=12.1", "transformers", "accelerate"]
-    provides = ["torch>=2.2", "transformers>=4.36", "accelerate>=0.26"]
-    imports = ["torch", "transformers", "accelerate"]
-
-    def spec(key: str, deps: list[str], own: dict[str, object]) -> dict[str, object]:
-        return {"name": key, "channels": [SAMPLE_CHANNEL], "platforms": platforms,
-                "dependencies": deps, "x-provisioner": own}
-
-    return {
-        "sample-cu121-transformers-bnb": spec(
-            "sample-cu121-transformers-bnb", [*cu121, "bitsandbytes"],
-            {"cuda": "12.1", "provides": [*provides, "bitsandbytes>=0.43", "cuda==12.1"],
-             "imports": [*imports, "bitsandbytes"]}),
-        "sample-cu121-transformers": spec(
-            "sample-cu121-transformers", cu121,
-            {"cuda": "12.1", "provides": [*provides, "cuda==12.1"], "imports": imports}),
-        "sample-cpu-transformers": spec(
-            "sample-cpu-transformers", ["python", "pytorch=2.2.1=*cpu*", "transformers"],
-            {"provides": ["torch>=2.2", "transformers>=4.36"],
-             "imports": ["torch", "transformers"]}),
-    }
-
-
-_MODELS_RULES = [
-    {"model": "gpt2", "env": "sample-cpu-transformers"},
-    {"model": "mistralai/Mistral-7B-v0.1", "env": "sample-cu121-transformers"},
-    {"model": "meta-llama/*", "requires": ["bitsandbytes>=0.43", "cuda==12.1"]},
-]
-_CONFIG_TOML = f'home = ".provisioner-home"\n\n[channels]\n{SAMPLE_CHANNEL} = "channel"\n'
-
-
-def write_sample_project(dest: Path, *, python_executable: str | None = None) -> list[Path]:
-    """Write a sample project (channel, specs, models.yml, provisioner.toml) into ``dest``.
-
-    Nothing is locked; returns the top-level paths written.
-    """
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise UserError(
-            f"{dest} already exists and is not an empty directory",
-            hint="choose a new or empty directory for the sample project",
-        )
-    channel = build_sample_channel(dest / "channel", sample_platforms(), python_executable)
-    specs_dir = dest / SPECS_DIR_NAME
-    specs_dir.mkdir(parents=True, exist_ok=True)
-    for key, data in _sample_specs(sample_platforms()).items():
-        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
-        (specs_dir / f"{key}.yml").write_text(text, encoding="utf-8")
-    (specs_dir / "models.yml").write_text(
-        yaml.safe_dump({"rules": _MODELS_RULES}, sort_keys=False), encoding="utf-8"
-    )
-    config = dest / CONFIG_FILE_NAME
-    config.write_text(_CONFIG_TOML, encoding="utf-8")
-    return [channel, specs_dir, config]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.sample import build_sample_channel, channel_url, sample_platforms
+from provisioner.sample import build_sample_channel, channel_url
+from provisioner.sample_project import sample_platforms
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,8 @@ from provisioner.sample import (
     build_wheel,
     channel_url,
     host_python,
-    write_sample_project,
 )
+from provisioner.sample_project import write_sample_project
 from provisioner.spec import list_spec_keys, load_spec
 
 CU121_BNB = ["python", "pytorch=2.2.1=*cuda12.1*", "transformers", "accelerate", "bitsandbytes"]
