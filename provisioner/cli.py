@@ -161,6 +161,66 @@ def sample_cmd(dest: Path, as_json: bool) -> None:
     click.echo(f"try: cd {dest} && provisioner lock --check")
 
 
+class _RichProgress:
+    """A rich progress bar for installs; only used on a terminal."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import Progress
+
+        self._progress = Progress(transient=True)
+        self._label = label
+        self._task: Any = None
+
+    def start(self, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(self._label, total=total)
+
+    def advance(self) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task)
+
+    def finish(self) -> None:
+        self._progress.stop()
+
+
+@cli.command("ensure")
+@click.argument("key")
+@project_options
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--backend", default=None, help="rattler (default), micromamba, mamba or conda.")
+@click.option("--lock-timeout", type=float, default=None, metavar="S",
+              help="Give up after S seconds waiting for another build of KEY.")
+@click.option("--allow-cuda-mismatch", is_flag=True,
+              help="Build even if the host CUDA driver is older than the lock needs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def ensure_cmd(
+    ctx: click.Context, key: str, project: Path | None, dry_run: bool, backend: str | None,
+    lock_timeout: float | None, allow_cuda_mismatch: bool, as_json: bool,
+) -> None:
+    """Build KEY's env from its lock (or reuse it) and print its python."""
+    from provisioner.builder import EnsureOptions, ensure
+
+    config = _config(ctx, project)
+    progress = None if as_json or dry_run or not sys.stderr.isatty() else _RichProgress(key)
+    result = ensure(config, key, EnsureOptions(
+        dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
+        allow_cuda_mismatch=allow_cuda_mismatch, progress=progress,
+    ))
+    if as_json:
+        _emit_json(result.to_dict())
+    elif dry_run:
+        plan = result.plan.to_dict()
+        click.echo(f"plan for {key}: {result.action} ({result.plan.reason})")
+        for field in ("generation", "prefix", "python", "lockfile", "packages_to_link",
+                      "archive_bytes", "stale_staging"):
+            if field in plan:
+                click.echo(f"  {field:17} {plan[field]}")
+        click.echo(f"  {'backend':17} {result.backend} ({result.backend_reason})")
+    else:
+        click.echo(str(result.python))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn errors into exit codes."""
     try:

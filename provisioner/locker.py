@@ -8,7 +8,6 @@ failure leaves the lock on disk untouched.
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from provisioner.piplayer import lock_pip_layer, sha256_text
 from provisioner.spec import EnvSpec, list_spec_keys, load_spec
 
 log = logging.getLogger(__name__)
-_BUILD_NUMBER_RE = re.compile(r"(?:^|_)(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -58,37 +56,17 @@ class LockOutcome:
         }
 
 
-def _build_number(build: str) -> int:
-    match = _BUILD_NUMBER_RE.search(build)
-    return int(match.group(1)) if match else 0
-
-
 def _preferred_records(
     packages: Sequence[LockedPackage], sources: list[ChannelSource]
 ) -> list[Any]:
     """Locked packages as rattler records, so the solver prefers their versions."""
-    import rattler
+    from provisioner.solver import locked_to_record
 
     records = []
     for pkg in packages:
         channel = next((c for c in sources if pkg.url.startswith(c.canonical + "/")), None)
-        if channel is None:
-            continue
-        record = rattler.PackageRecord(
-            name=pkg.name,
-            version=pkg.version,
-            build=rattler.BuildString(pkg.build),
-            build_number=_build_number(pkg.build),
-            subdir=pkg.subdir,
-            depends=[f"{name} {spec}".strip() for name, spec in pkg.dependencies],
-            sha256=bytes.fromhex(pkg.sha256) if pkg.sha256 else None,
-            md5=bytes.fromhex(pkg.md5) if pkg.md5 else None,
-        )
-        records.append(
-            rattler.RepoDataRecord(
-                record, pkg.file_name, channel.to_source(pkg.url), channel.source + "/"
-            )
-        )
+        if channel is not None:
+            records.append(locked_to_record(pkg, channel.to_source(pkg.url), channel.source))
     return records
 
 

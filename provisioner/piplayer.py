@@ -254,3 +254,40 @@ def parse_pip_lock(text: str) -> list[PipPin]:
     return list(pins.values())
 
 
+
+
+def install_pip_layer(
+    *,
+    pip_lock: Path,
+    site_packages: Path,
+    python_version: str,
+    platform: str,
+    virtual_packages: VirtualPackages,
+    settings: PipSettings,
+) -> int:
+    """Install a hash-pinned pip layer into ``site_packages``; return the number of wheels."""
+    pins = parse_pip_lock(pip_lock.read_text(encoding="utf-8"))
+    if not pins:
+        return 0
+    argv = [
+        uv_executable(), "pip", "install", "--require-hashes", "--no-deps",
+        "--requirement", str(pip_lock),
+        "--target", str(site_packages),
+        "--python-version", ".".join(python_version.split(".")[:2]),
+        "--python-platform", python_platform_for(platform, virtual_packages),
+        "--only-binary", ":all:", "--quiet",
+    ]
+    if settings.no_index:
+        argv.append("--no-index")
+    if settings.index_url:
+        argv += ["--index-url", settings.index_url]
+    for link in settings.find_links:
+        argv += ["--find-links", link]
+    result = procs.run(argv, timeout=UV_TIMEOUT_S)
+    if not result.ok:
+        detail = (result.stderr or result.stdout).strip()
+        raise PipLayerError(
+            f"uv could not install the pip layer ({pip_lock.name}):\n{detail}",
+            hint="a hash mismatch means the wheel differs from the lock; relock or fix the index",
+        )
+    return len(pins)

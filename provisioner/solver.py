@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ from provisioner.channels import ChannelSource
 from provisioner.errors import SolveError, SpecError
 from provisioner.lockmodel import LockedPackage
 from provisioner.platforms import VirtualPackages
+
+_BUILD_NUMBER_RE = re.compile(r"(?:^|_)(\d+)$")
 
 
 def _split_dependency(dep: str) -> tuple[str, str]:
@@ -112,6 +115,24 @@ def solve_platform(
         channel = by_source.get(str(record.channel).rstrip("/"))
         locked.append(record_to_locked(record, platform, channel))
     return sorted(locked, key=lambda p: p.name)
+
+
+def locked_to_record(pkg: LockedPackage, url: str, channel_url: str) -> Any:
+    """A rattler ``RepoDataRecord`` for a lock entry, fetched from ``url``."""
+    import rattler
+
+    match = _BUILD_NUMBER_RE.search(pkg.build)
+    record = rattler.PackageRecord(
+        name=pkg.name,
+        version=pkg.version,
+        build=rattler.BuildString(pkg.build),
+        build_number=int(match.group(1)) if match else 0,
+        subdir=pkg.subdir,
+        depends=[f"{name} {spec}".strip() for name, spec in pkg.dependencies],
+        sha256=bytes.fromhex(pkg.sha256) if pkg.sha256 else None,
+        md5=bytes.fromhex(pkg.md5) if pkg.md5 else None,
+    )
+    return rattler.RepoDataRecord(record, pkg.file_name, url, channel_url.rstrip("/") + "/")
 
 
 def exact_constraint(pkg: LockedPackage) -> str:
