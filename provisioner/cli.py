@@ -221,6 +221,75 @@ def ensure_cmd(
         click.echo(str(result.python))
 
 
+@cli.command("verify")
+@click.argument("key")
+@project_options
+@click.option("--deep", is_flag=True, help="Also hash every file against its recorded sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def verify_cmd(
+    ctx: click.Context, key: str, project: Path | None, deep: bool, as_json: bool
+) -> None:
+    """Check KEY's active env against its lock; exit 1 if anything is wrong."""
+    from provisioner.maintenance import verify_env
+
+    report = verify_env(_config(ctx, project), key, deep=deep)
+    if as_json:
+        _emit_json(report.to_dict())
+    elif report.ok:
+        click.echo(f"ok      {key} {report.generation} ({report.packages_checked} packages, "
+                   f"{report.files_checked} files{', deep' if deep else ''})")
+    else:
+        click.echo(f"FAILED  {key} {report.generation or ''}".rstrip())
+        for problem in report.problems:
+            click.echo(f"  {problem}")
+    if not report.ok:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+@cli.command("gc")
+@project_options
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Remove interrupted builds, the trash and generations older than the previous one."""
+    from provisioner.maintenance import collect_garbage
+
+    report = collect_garbage(_config(ctx, project), dry_run=dry_run)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in report.removed:
+        click.echo(f"{verb} {item.kind:10} {item.path} ({item.bytes} bytes)")
+    for skip in report.skipped:
+        click.echo(f"skipped {skip.path}: {skip.reason}")
+    freed = "would free" if dry_run else "freed"
+    click.echo(f"{freed} {report.bytes_freed} bytes in {len(report.removed)} path(s)")
+
+
+@cli.command("resolve")
+@click.argument("model")
+@project_options
+@click.option("--policy", type=click.Choice(["prefer", "fallback", "ignore"]), default=None,
+              help="How legacy per-model venvs are used (default: config, else prefer).")
+@click.option("--no-build", is_flag=True, help="Never build; fail if nothing is ready.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def resolve_cmd(ctx: click.Context, model: str, project: Path | None, policy: str | None,
+                no_build: bool, as_json: bool) -> None:
+    """Print the python that should run MODEL (building its shared env if needed)."""
+    from provisioner.resolve import get_env_for_model
+
+    result = get_env_for_model(model, config=_config(ctx, project), policy=policy,
+                               build=not no_build)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(result.python)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn errors into exit codes."""
     try:

@@ -22,6 +22,10 @@ Example ``provisioner.toml``::
     [legacy]
     root = "environments"
     policy = "prefer"                   # prefer | fallback | ignore
+    probe-timeout = 60                  # seconds for one health probe
+    health-ttl = 86400                  # seconds a cached health result stays valid
+    [legacy.models]                     # local_<id> dir id -> model id, where not derivable
+    "llama7b" = "meta-llama/Llama-2-7b-hf"
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class Config:
     pip: PipSettings = PipSettings()
     legacy_root: Path | None = None
     legacy_policy: str = "prefer"
+    legacy_models: Mapping[str, str] = field(default_factory=dict)
+    probe_timeout: float = 60.0
+    health_ttl: float = 86400.0
     force_copy: bool = False
 
     @property
@@ -178,6 +185,18 @@ def load_config(
         else project_dir / "environments"
     )
 
+    legacy_models = legacy_raw.get("models", {})
+    if not isinstance(legacy_models, dict) or not all(
+        isinstance(v, str) for v in legacy_models.values()
+    ):
+        raise SpecError(f"{CONFIG_FILE_NAME}: [legacy.models] must map dir ids to model ids")
+    try:
+        probe_timeout = float(legacy_raw.get("probe-timeout", 60.0))
+        health_ttl = float(legacy_raw.get("health-ttl", 86400.0))
+    except (TypeError, ValueError):
+        raise SpecError(f"{CONFIG_FILE_NAME}: legacy probe-timeout/health-ttl must be numbers"
+                        ) from None
+
     home_value = home or env.get("PROVISIONER_HOME") or data.get("home")
     home_path = (
         _resolve(project_dir, home_value, "home") if home_value else default_home()
@@ -196,5 +215,8 @@ def load_config(
         pip=pip,
         legacy_root=legacy_root,
         legacy_policy=policy,
+        legacy_models={str(k): str(v) for k, v in legacy_models.items()},
+        probe_timeout=probe_timeout,
+        health_ttl=health_ttl,
         force_copy=force_copy or env.get("PROVISIONER_FORCE_COPY") == "1",
     )
