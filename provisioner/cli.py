@@ -290,6 +290,37 @@ def resolve_cmd(ctx: click.Context, model: str, project: Path | None, policy: st
         click.echo(result.python)
 
 
+@cli.command("demo")
+@click.option("--home", "demo_home", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Empty directory for the demo (default: a new temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
+    """Play the four model-load scenarios offline, with a sample channel and an old venv."""
+    from provisioner.demo import run_demo
+
+    report = run_demo(demo_home)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    click.echo("")
+    for i, scenario in enumerate(report.scenarios, 1):
+        res = scenario.resolution
+        click.echo(f"({i}) {scenario.title}: {res.model_id} -> {res.source} [{res.env_key}]")
+        click.echo(f"    python {res.python}")
+        for attempt in res.attempts:
+            click.echo(f"    - {attempt.step}: {attempt.outcome} ({attempt.detail})")
+    click.echo("")
+    click.echo(f"build of a new shared env:        {report.build_seconds:.2f} s")
+    click.echo(f"second model, same key (first):   {report.reuse_ms:.1f} ms")
+    click.echo(f"second model, same key (repeat):  {report.repeat_ms:.1f} ms")
+    click.echo(f"shared env on disk:               {report.env_bytes / 1024:.1f} KiB, of which "
+               f"{report.hardlinked_bytes / 1024:.1f} KiB hardlinked from the package cache")
+    click.echo(f"demo files are in {report.root}")
+    if report.inventory:
+        click.echo("")
+        _emit_json(report.inventory)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn errors into exit codes."""
     try:
