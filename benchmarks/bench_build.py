@@ -1,0 +1,452 @@
+"""Benchmark ``ensure`` against a bare ``rattler.install`` of the same records, side by side.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_build.py [--packages 150] [--files 40] [--repeat 3]
+
+Everything happens offline in a temporary project: a synthetic channel of
+``--packages`` packages with ``--files`` files each (plus 10% extra packages and
+the sample channel's ``python``, which every env needs for the final import
+check), two specs locked with ``lock_envs``:
+
+* ``bench-a``: python and every synthetic package;
+* ``bench-b``: the same minus the last 10% of the synthetic packages, plus the
+  10% extra ones (so about 90% of its packages are shared with ``bench-a``).
+
+It prints medians of ``--repeat`` runs measured in one process, ratios against
+the targets, and where the time of one warm ``ensure`` goes (phase timers
+wrapped around provisioner's functions; ``--profile`` adds a cProfile listing).
+Nothing is asserted: it always exits 0 and prints PASS or MISS per target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import stat
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from provisioner import fsops, procs
+from provisioner.config import CONFIG_FILE_NAME, SPECS_DIR_NAME, Config, load_config
+from provisioner.layout import HomeLayout
+from provisioner.platforms import host_platform
+from provisioner.sample import (
+    PREFIX_PLACEHOLDER,
+    PackageFile,
+    build_conda_package,
+    build_sample_channel,
+    build_synthetic_channel,
+)
+
+CHANNEL = "bench"
+KEY_A = "bench-a"
+KEY_B = "bench-b"
+TARGET_WARM_RATIO = 1.25
+TARGET_REUSE_MS = 50.0
+TARGET_SHARED_PCT = 15.0
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _extra_packages(channel: Path, subdir: str, count: int, files: int) -> list[str]:
+    """``count`` packages shaped like the synthetic ones, under other names, no deps."""
+    names = [f"synthx-{i:05d}" for i in range(count)]
+    for name in names:
+        pkg_files = []
+        for j in range(files):
+            body = f"{name} file {j}\n" + "x" * 200 + "\n"
+            if j == 0:
+                body += f"prefix = {PREFIX_PLACEHOLDER}\n"
+            pkg_files.append(PackageFile(f"share/synth/{name}/f{j:04d}.txt", body.encode(),
+                                         text_placeholder=j == 0))
+        build_conda_package(channel, subdir, name, "1.0", "h_synth_0", files=pkg_files)
+    return names
+
+
+def _write_spec(specs_dir: Path, key: str, deps: list[str], platform: str) -> None:
+    data = {"name": key, "channels": [CHANNEL], "platforms": [platform],
+            "dependencies": deps, "x-provisioner": {"imports": []}}
+    (specs_dir / f"{key}.yml").write_text(yaml.safe_dump(data, sort_keys=False),
+                                          encoding="utf-8")
+
+
+def make_project(root: Path, n_packages: int, n_files: int) -> tuple[Path, dict[str, int]]:
+    """Channel, two specs and their locks under ``root``; return (project, counts)."""
+    from provisioner.locker import lock_envs
+
+    platform = host_platform()
+    project = root / "project"
+    channel = project / "channel"
+    names = build_synthetic_channel(channel, n_packages, n_files, platform)
+    n_swap = max(1, round(n_packages * 0.10))
+    extras = _extra_packages(channel, platform, n_swap, n_files)
+    # The sample python (a launcher for this interpreter); this also re-indexes the channel.
+    build_sample_channel(channel, [platform])
+    specs = project / SPECS_DIR_NAME
+    specs.mkdir(parents=True)
+    _write_spec(specs, KEY_A, ["python", *names], platform)
+    _write_spec(specs, KEY_B, ["python", *names[: n_packages - n_swap], *extras], platform)
+    (project / CONFIG_FILE_NAME).write_text(
+        f'home = "home"\n\n[channels]\n{CHANNEL} = "channel"\n', encoding="utf-8"
+    )
+    outcomes = lock_envs(load_config(project, environ={}), [KEY_A, KEY_B])
+    return project, {o.key: o.counts[platform] for o in outcomes}
+
+
+def config_for(project: Path, home: Path) -> Config:
+    return load_config(project, home=home, environ={})
+
+
+def bare_records(config: Config, key: str, scratch: Path) -> list[Any]:
+    """The rattler records ``ensure`` installs, built the way the builder builds them."""
+    from provisioner.artifacts import verify_artifacts
+    from provisioner.channels import resolve_channels
+    from provisioner.condalock_adapter import read_lockfile
+    from provisioner.lockcheck import lockfile_path
+    from provisioner.solver import locked_to_record
+
+    lock = read_lockfile(lockfile_path(config.locks_dir, key))
+    packages = lock.for_platform(host_platform(), "conda")
+    artifacts = verify_artifacts(packages, resolve_channels(lock.channels, config), scratch)
+    return [locked_to_record(a.package, a.url, a.url.rsplit("/", 2)[0]) for a in artifacts]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def ensure_key(config: Config, key: str) -> Any:
+    from provisioner.builder import ensure
+
+    return ensure(config, key)
+
+
+def reset_env(config: Config, key: str, prefix: Path) -> None:
+    """Forget ``key``'s env (generation dir and pointer); keep the warm package cache."""
+    fsops.safe_rmtree(prefix)  # generation dirs carry provisioner's marker
+    HomeLayout(config.home).pointer(key).unlink(missing_ok=True)
+
+
+def bare_install(records: list[Any], target: Path, cache: Path) -> None:
+    import rattler
+
+    asyncio.run(rattler.install(records, target_prefix=target, cache_dir=cache,
+                                show_progress=False, execute_link_scripts=False))
+
+
+def drop(path: Path) -> None:
+    """Remove a scratch tree of this benchmark (it has no provisioner marker)."""
+    fsops.safe_rmtree(path, require_marker=False)
+
+
+def cp_al(src: Path, dst: Path) -> None:
+    result = procs.run(["cp", "-al", str(src), str(dst)], timeout=600)
+    if not result.ok:
+        raise RuntimeError(f"cp -al failed: {result.stderr.strip()}")
+
+
+def _inodes(path: Path) -> set[tuple[int, int]]:
+    seen = set()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if stat.S_ISREG(st.st_mode):
+                seen.add((st.st_dev, st.st_ino))
+    return seen
+
+
+def added_breakdown(prefix: Path, before: set[tuple[int, int]], new_pkgs: tuple[str, ...]
+                    ) -> dict[str, list[int]]:
+    """Bytes (and files) under ``prefix`` whose inode was not on disk before, by kind."""
+    buckets: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    counted: set[tuple[int, int]] = set()
+    for root, _dirs, files in os.walk(prefix):
+        rel_root = os.path.relpath(root, prefix).replace(os.sep, "/")
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            ident = (st.st_dev, st.st_ino)
+            if not stat.S_ISREG(st.st_mode) or ident in before or ident in counted:
+                continue
+            counted.add(ident)
+            if rel_root.startswith("conda-meta"):
+                kind = "conda-meta/*.json (one record per package)"
+            elif rel_root.startswith("share/synth/") and rel_root.split("/")[2] in new_pkgs:
+                kind = "files of the packages bench-a does not have"
+            elif rel_root.startswith("share/synth/"):
+                kind = "prefix-rewritten copies of shared packages' files"
+            else:
+                kind = "other (python launchers, provisioner's own files)"
+            buckets[kind][0] += st.st_size
+            buckets[kind][1] += 1
+    return dict(buckets)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+_PHASES = [  # (module, attribute, label); class methods as "Class.method"
+    ("provisioner.builder", "make_plan", "make_plan (x2: before and under the key lock)"),
+    ("provisioner.condalock_adapter", "read_lockfile", "read_lockfile (conda-lock parser)"),
+    ("provisioner.spec", "load_spec", "load_spec"),
+    ("provisioner.cudacheck", "required_cuda", "required_cuda (summarize_lock)"),
+    ("provisioner.cudacheck", "host_cuda_version", "host_cuda_version (virtual pkgs)"),
+    ("provisioner.artifacts", "verify_artifacts", "verify_artifacts (sha256 memo)"),
+    ("provisioner.backends", "RattlerBackend.install", "rattler.install (backend)"),
+    ("provisioner.backends", "RattlerBackend.version", "backend.version (metadata)"),
+    ("provisioner.builder", "check_records", "check_records (conda-meta)"),
+    ("provisioner.builder", "find_staging_path", "find_staging_path (read every file)"),
+    ("provisioner.builder", "check_imports", "check_imports (staged; subprocess)"),
+    ("provisioner.builder", "write_fingerprint", "write_fingerprint"),
+    ("provisioner.builder", "_promote", "_promote (rename)"),
+    ("provisioner.builder", "_check_promoted", "_check_promoted (python -c subprocess)"),
+]
+
+
+@contextlib.contextmanager
+def phase_timers() -> Iterator[dict[str, list[float]]]:
+    """Wrap provisioner's functions with timers; ``_check_promoted`` excludes its nested call."""
+    import importlib
+
+    spent: dict[str, list[float]] = defaultdict(list)
+    restore = []
+    for module_name, attr, label in _PHASES:
+        owner: Any = importlib.import_module(module_name)
+        name = attr
+        if "." in attr:
+            cls, name = attr.split(".")
+            owner = getattr(owner, cls)
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+
+        def wrapper(*args: Any, _orig: Any = original, _label: str = label,
+                    **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _orig(*args, **kwargs)
+            finally:
+                spent[_label].append(time.perf_counter() - start)
+
+        setattr(owner, name, wrapper)
+        restore.append((owner, name, original))
+    try:
+        yield spent
+    finally:
+        for owner, name, original in reversed(restore):
+            setattr(owner, name, original)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_s(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):8.3f} s  (min {min(values):.3f}, n={len(values)})"
+
+
+def _load() -> str:
+    """1-minute load average (this benchmark is sensitive to other work on the machine)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packages", type=int, default=150)
+    parser.add_argument("--files", type=int, default=40, help="files per package")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--reuse-calls", type=int, default=200)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a cProfile listing of one warm ensure")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="provisioner-bench-"))
+    try:
+        run(root, args)
+    finally:
+        if args.keep:
+            say(f"\nkept {root}")
+        else:
+            drop(root)
+    return 0
+
+
+def run(root: Path, args: argparse.Namespace) -> None:
+    posix = os.name == "posix" and shutil.which("cp") is not None
+    load_before = _load()
+    say(f"bench_build: {args.packages} packages x {args.files} files, repeat {args.repeat}, "
+        f"{host_platform()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    t_setup, (project, counts) = timed(lambda: make_project(root, args.packages, args.files))
+    say(f"setup (channel + lock): {t_setup:.1f} s; locked packages: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    warm = config_for(project, root / "warm-home")
+    cache = HomeLayout(warm.home).package_cache
+    t_first, first = timed(lambda: ensure_key(warm, KEY_A))
+    prefix_a: Path = first.prefix
+    records = bare_records(warm, KEY_A, root / "scratch-memo")
+    bare_install(records, root / "bare-warmup", cache)  # untimed, like the first ensure
+    drop(root / "bare-warmup")
+
+    # a/b/c interleaved per repetition, so drift hits all three alike.
+    t_ensure: list[float] = []
+    t_bare: list[float] = []
+    t_cp: list[float] = []
+    for i in range(args.repeat):
+        target = root / f"bare-{i}"
+        for which in (("ensure", "bare") if i % 2 == 0 else ("bare", "ensure")):
+            if which == "ensure":
+                reset_env(warm, KEY_A, prefix_a)
+                dt, res = timed(lambda: ensure_key(warm, KEY_A))
+                assert res.action == "build", res.action
+                t_ensure.append(dt)
+            else:
+                t_bare.append(timed(partial(bare_install, records, target, cache))[0])
+                drop(target)
+        if posix:
+            dst = root / f"cpal-{i}"
+            t_cp.append(timed(partial(cp_al, prefix_a, dst))[0])
+            drop(dst)
+
+    # e: reuse of the ready env.
+    t_reuse = []
+    for _ in range(args.reuse_calls):
+        dt, res = timed(lambda: ensure_key(warm, KEY_A))
+        assert res.action == "reuse", res.action
+        t_reuse.append(dt)
+
+    # f: a second key sharing ~90% of its packages, same home and cache.
+    envs = HomeLayout(warm.home).envs
+    a_bytes = fsops.tree_size(prefix_a)
+    a_files = sum(len(f) for _r, _d, f in os.walk(prefix_a))
+    before_bytes = fsops.tree_size(envs)
+    before_inodes = _inodes(envs)
+    t_b, res_b = timed(lambda: ensure_key(warm, KEY_B))
+    added = fsops.tree_size(envs) - before_bytes
+    new_pkgs = tuple(f"synthx-{i:05d}" for i in range(max(1, round(args.packages * 0.10))))
+    breakdown = added_breakdown(res_b.prefix, before_inodes, new_pkgs)
+
+    # d: cold cache (fresh home, empty package cache and hash memo).
+    t_cold = []
+    for i in range(args.repeat):
+        cold = config_for(project, root / f"cold-home-{i}")
+        t_cold.append(timed(partial(ensure_key, cold, KEY_A))[0])
+        drop(cold.home)
+
+    # Where the time of one warm ensure goes (not part of the medians above).
+    reset_env(warm, KEY_A, prefix_a)
+    with phase_timers() as spent:
+        t_phased, _ = timed(lambda: ensure_key(warm, KEY_A))
+    profile_text = ""
+    if args.profile:
+        reset_env(warm, KEY_A, prefix_a)
+        prof = cProfile.Profile()
+        prof.enable()
+        ensure_key(warm, KEY_A)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        profile_text = buf.getvalue()
+
+    med_ensure, med_bare = statistics.median(t_ensure), statistics.median(t_bare)
+    reuse_ms = statistics.median(t_reuse) * 1000
+    ratio = med_ensure / med_bare
+    shared_pct = 100.0 * added / a_bytes if a_bytes else float("nan")
+
+    say("")
+    say(f"{'measurement':44} {'median':>10}")
+    say("-" * 90)
+    say(f"{'a. warm ensure (build, warm pkgs cache)':44} {fmt_s(t_ensure)}")
+    say(f"{'b. bare rattler.install, same records+cache':44} {fmt_s(t_bare)}")
+    say(f"{'c. cp -al of the finished prefix':44} "
+        + (fmt_s(t_cp) if posix else "skipped (not POSIX / no cp)"))
+    say(f"{'d. cold ensure (fresh home, empty cache)':44} {fmt_s(t_cold)}")
+    say(f"{'e. reuse ensure (ready env)':44} {reuse_ms:8.3f} ms (p95 "
+        f"{sorted(t_reuse)[int(0.95 * (len(t_reuse) - 1))] * 1000:.3f} ms, n={len(t_reuse)})")
+    say(f"{'f. bench-b ensure (90% shared, same home)':44} {t_b:8.3f} s  (n=1)")
+    say(f"{'   first ensure of bench-a (cache filling)':44} {t_first:8.3f} s  (n=1)")
+    say("")
+    say(f"bench-a env: {a_bytes:,} bytes in {a_files:,} files; bench-b added {added:,} bytes "
+        "to envs/ (hardlinked inodes counted once)")
+    for kind, (size, n) in sorted(breakdown.items(), key=lambda kv: -kv[1][0]):
+        say(f"   {size:>12,} bytes {n:>6,} files  {kind}")
+    meta_kind = next((k for k in breakdown if k.startswith("conda-meta")), None)
+    a_meta = fsops.tree_size(prefix_a / "conda-meta")
+    b_meta = breakdown[meta_kind][0] if meta_kind else 0
+    if a_bytes > a_meta:
+        say(f"   without conda-meta records on both sides: {added - b_meta:,} / "
+            f"{a_bytes - a_meta:,} bytes = {100 * (added - b_meta) / (a_bytes - a_meta):.1f} % "
+            "(the synthetic files are tiny, so per-package records dominate)")
+    say("")
+    say("targets")
+    say(f"  warm ensure / bare rattler install  {ratio:6.2f}x   target <= {TARGET_WARM_RATIO}x"
+        f"   {verdict(ratio <= TARGET_WARM_RATIO)}")
+    say(f"  reuse ensure                        {reuse_ms:6.2f} ms  "
+        f"target <= {TARGET_REUSE_MS:g} ms   {verdict(reuse_ms <= TARGET_REUSE_MS)}")
+    say(f"  bench-b added bytes / bench-a bytes {shared_pct:6.1f} %   target <= "
+        f"{TARGET_SHARED_PCT:g} %    {verdict(shared_pct <= TARGET_SHARED_PCT)}")
+    paired = statistics.median(e / b for e, b in zip(t_ensure, t_bare, strict=True))
+    say(f"  (same ratio, paired per repetition: median {paired:.2f}x; of the minimums: "
+        f"{min(t_ensure) / min(t_bare):.2f}x; load average {load_before} -> {_load()})")
+    say("  context: cold ensure / warm ensure "
+        f"{statistics.median(t_cold) / med_ensure:.2f}x"
+        + (f"; cp -al / bare install {statistics.median(t_cp) / med_bare:.2f}x" if t_cp else ""))
+    say("")
+    say(f"one warm ensure with phase timers: {t_phased:.3f} s")
+    accounted = 0.0
+    for _module, _attr, label in _PHASES:
+        values = spent.get(label, [])
+        total = sum(values)
+        if label.startswith("check_imports"):
+            continue  # nested: the promoted call is inside _check_promoted, listed below
+        accounted += total
+        say(f"  {total:8.3f} s {100 * total / t_phased:5.1f}%  {label}  (calls: {len(values)})")
+    imports = spent.get(_PHASES[10][2], [])
+    if imports:
+        say("    of which check_imports calls: "
+            + ", ".join(f"{v * 1000:.1f} ms" for v in imports)
+            + " (the staged one has no imports to check; the promoted one runs 'import sys')")
+    install = sum(spent.get(_PHASES[6][2], []))
+    say(f"  => ensure overhead beyond rattler.install in this run: {t_phased - install:.3f} s")
+    say(f"  {t_phased - accounted:8.3f} s {100 * (t_phased - accounted) / t_phased:5.1f}%  "
+        "everything else (key lock, staging mkdir/marker, pointer, etc.)")
+    if profile_text:
+        say("")
+        say(profile_text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
