@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from provisioner import procs
+from provisioner import fsops, procs
 from provisioner.artifacts import VerifiedArtifact
 from provisioner.errors import BuildError, ToolMissingError, UserError
 
 BACKENDS = ("rattler", "micromamba", "mamba", "conda")
 EXECUTABLE_TIMEOUT_S = 3600.0
+# micromamba (and mamba before 2.4) abort on an existing folder without conda-meta/
+# ("Non-conda folder exists at prefix"), and a staging dir already holds provisioner's
+# marker files; so they create a fresh prefix inside it, whose entries are then moved up.
+FRESH_PREFIX_NAME = ".provisioner-prefix"
 
 
 class ProgressSink(Protocol):
@@ -162,13 +167,15 @@ class ExecutableBackend:
         cache_dir: Path,
         progress: ProgressSink | None,
     ) -> None:
-        explicit = cache_dir / f"explicit-{os.getpid()}.txt"
+        # Unique per call: threads of one process may build several keys at once.
+        explicit = cache_dir / f"explicit-{os.getpid()}-{secrets.token_hex(4)}.txt"
         cache_dir.mkdir(parents=True, exist_ok=True)
         explicit.write_text(render_explicit(artifacts, self.platform), encoding="utf-8")
         env = dict(os.environ)
         env.setdefault("CONDA_PKGS_DIRS", str(cache_dir))
+        prefix = target if target == final else target / FRESH_PREFIX_NAME
         try:
-            result = procs.run(self.argv(explicit, target, final, cache_dir),
+            result = procs.run(self.argv(explicit, prefix, final, cache_dir),
                                timeout=EXECUTABLE_TIMEOUT_S, env=env)
         finally:
             explicit.unlink(missing_ok=True)
@@ -178,6 +185,10 @@ class ExecutableBackend:
                 f"{self.name} failed to create the env (exit {result.returncode}): "
                 + " | ".join(detail)
             )
+        if prefix != target:
+            for entry in sorted(prefix.iterdir()):
+                fsops.rename_with_retry(entry, target / entry.name)
+            prefix.rmdir()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ The plan says which generation serves the key and what has to happen:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,7 +62,13 @@ class EnsurePlan:
 
 
 def locked_hash(config: Config, key: str, platform: str) -> str:
-    """The lock's content hash for ``platform`` (reads only the lock's metadata block)."""
+    """Identity of what the lock pins for ``platform``: its content hash and its packages.
+
+    The content hash alone only covers the spec: ``lock --update`` (or a relock
+    that keeps preferred versions) changes the packages under the same content
+    hash, and an env built from the old packages must not be reused for it. The
+    package section is hashed as bytes, without parsing it, to keep reuse fast.
+    """
     path = lockfile_path(config.locks_dir, key)
     header = read_lock_header(path)
     hashes = header.get("content_hash")
@@ -70,7 +77,10 @@ def locked_hash(config: Config, key: str, platform: str) -> str:
             f"{path.name} has no lock for this platform ({platform})",
             hint=f"add {platform} to the spec's platforms and run 'provisioner lock {key}'",
         )
-    return str(hashes[platform])
+    _head, _sep, packages = path.read_bytes().partition(b"\npackage:")
+    digest = hashlib.sha256(f"{platform}\n{hashes[platform]}\n".encode())
+    digest.update(packages)
+    return digest.hexdigest()
 
 
 def env_is_ready(prefix: Path, lock_hash: str, platform: str) -> bool:
@@ -89,7 +99,12 @@ def stale_staging_dirs(layout: HomeLayout, key: str) -> list[Path]:
     if not layout.staging.is_dir():
         return []
     prefix = layout.staging_prefix(key)
-    return sorted(p for p in layout.staging.iterdir() if p.name.startswith(prefix))
+    # Staging names are <key>.<generation>.<token>; keys may hold dots themselves, so
+    # "a.b.<gen>.<token>" belongs to key "a.b", not to key "a" (whose lock does not cover it).
+    return sorted(
+        p for p in layout.staging.iterdir()
+        if p.name.startswith(prefix) and p.name.rsplit(".", 2)[0] == key
+    )
 
 
 def make_plan(config: Config, key: str, *, platform: str | None = None) -> EnsurePlan:
