@@ -113,7 +113,8 @@ def legacy_for_model(
     if root is None:
         return None
     direct = root / f"{LEGACY_DIR_PREFIX}{env_id_for_model(model_id)}"
-    if (direct / VENV_DIR).is_dir() and not direct.is_symlink() and _inside(direct, root):
+    if (direct / VENV_DIR).is_dir() and not direct.is_symlink() and \
+            _inside(direct / VENV_DIR, root):
         python, layout = venv_python(direct / VENV_DIR)
         if python is not None and not _inside(python.parent, root):
             python = None

@@ -172,7 +172,9 @@ def _resolve(cfg: Config, state: StateFile, model_id: str, build: bool,
                                                    result.generation, trail, start))
     except ProvisionerError as exc:
         build_error = exc
-        trail.add("build shared env", "failed", exc.message.splitlines()[0])
+        trail.add("build shared env", "failed", (exc.message.splitlines() or ["-"])[0])
+    except OSError as exc:  # a filesystem failure must not break a load that an old env serves
+        trail.add("build shared env", "failed", f"{type(exc).__name__}: {exc}")
     if stale is not None:
         trail.add("stale shared env", "used", f"old generation {stale[1]} serves until a rebuild "
                                               "succeeds")

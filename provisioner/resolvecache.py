@@ -47,7 +47,11 @@ def cached_key(config: Config, state: StateFile, model_id: str) -> tuple[str, tu
 
 
 def cached_lock_hash(config: Config, state: StateFile, key: str, platform: str) -> str | None:
-    """The lock's content hash for ``platform``, cached by the lockfile's stat signature."""
+    """The lock's identity for ``platform``, cached by the lockfile's stat signature.
+
+    The value is :func:`provisioner.planner.locked_hash`, the same identity that
+    ``ensure`` writes into a fingerprint, so a ready env compares equal to it.
+    """
     from provisioner.lockcheck import lockfile_path
 
     path = lockfile_path(config.locks_dir, key)
@@ -55,20 +59,21 @@ def cached_lock_hash(config: Config, state: StateFile, key: str, platform: str) 
     if signature is None:
         return None
     entry = state.section("lock_hashes").get(str(path))
-    if isinstance(entry, dict) and entry.get("sig") == signature:
-        value = entry.get("hashes", {}).get(platform)
-        return str(value) if value else None
-    from provisioner.lockmodel import read_lock_header
+    known: dict[str, str] = {}
+    # "ids" (not the raw content hashes that older versions cached) per platform
+    if isinstance(entry, dict) and entry.get("sig") == signature and \
+            isinstance(entry.get("ids"), dict):
+        known = dict(entry["ids"])
+        if platform in known:
+            return str(known[platform]) or None
+    from provisioner.planner import locked_hash
 
     try:
-        hashes = read_lock_header(path).get("content_hash") or {}
+        value = locked_hash(config, key, platform)
     except ProvisionerError:
-        return None
-    if not isinstance(hashes, dict):
-        return None
-    state.put("lock_hashes", str(path), {"sig": signature, "hashes": hashes})
-    value = hashes.get(platform)
-    return str(value) if value else None
+        value = ""
+    state.put("lock_hashes", str(path), {"sig": signature, "ids": {**known, platform: value}})
+    return value or None
 
 
 def active_env(config: Config, key: str) -> tuple[Path, str, str | None] | None:
