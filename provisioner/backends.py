@@ -189,6 +189,16 @@ class ExecutableBackend:
             for entry in sorted(prefix.iterdir()):
                 fsops.rename_with_retry(entry, target / entry.name)
             prefix.rmdir()
+            _relocate_history(target, str(prefix), str(final))
+
+
+def _relocate_history(target: Path, built_at: str, final: str) -> None:
+    """micromamba logs its command line, staging path included, in conda-meta/history."""
+    history = target / "conda-meta" / "history"
+    if history.is_file():
+        text = history.read_text(encoding="utf-8", errors="surrogateescape")
+        if built_at in text:
+            fsops.atomic_write_text(history, text.replace(built_at, final))
 
 
 @dataclass(frozen=True)

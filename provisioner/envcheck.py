@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,20 +154,29 @@ def check_imports(
     return CheckReport(problems, len(imports), {"imports": data})
 
 
-def find_staging_path(prefix: Path, staging: str) -> list[str]:
-    """Files under ``prefix`` (``.pyc`` aside) whose bytes contain ``staging``."""
+def find_staging_path(prefix: Path, staging: str, *, trust_hardlinks: bool = True) -> list[str]:
+    """Files under ``prefix`` (``.pyc`` aside) whose bytes contain ``staging``.
+
+    With ``trust_hardlinks``, files whose inode is shared (``st_nlink > 1``) are
+    skipped: they are the package cache's bytes, hardlinked unmodified, and the
+    cache never names a staging dir. Only files written for this env (patched
+    placeholders, generated scripts, records, copies) are read, so the check
+    does not grow with the size of a multi-GB env.
+    """
     needle = staging.encode()
     hits = []
     for root, _dirs, files in os.walk(prefix):
         for name in files:
             if name.endswith(".pyc"):
                 continue
-            path = Path(root) / name
-            if path.is_symlink():
-                continue
+            path = os.path.join(root, name)
             try:
-                if needle in path.read_bytes():
-                    hits.append(str(path.relative_to(prefix)))
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode) or (trust_hardlinks and st.st_nlink > 1):
+                    continue
+                with open(path, "rb") as fh:
+                    if needle in fh.read():
+                        hits.append(os.path.relpath(path, prefix))
             except OSError:
                 continue
     return sorted(hits)

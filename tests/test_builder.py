@@ -204,7 +204,7 @@ def test_promoted_env_names_no_staging_path(project: SampleProject, tmp_path: Pa
     config = config_for(project.path, tmp_path)
     layout = HomeLayout(config.home)
     result = ensure(config, CU)
-    assert find_staging_path(result.prefix, str(layout.staging)) == []
+    assert find_staging_path(result.prefix, str(layout.staging), trust_hardlinks=False) == []
     launcher = result.python.read_text(encoding="utf-8")
     assert str(result.prefix) in launcher and "/opt/anaconda1anaconda2" not in launcher
     torch_file = run_python(result.python, "import torch; print(torch.__file__)")
@@ -246,7 +246,7 @@ def test_force_copy_promotes_by_copy(project: SampleProject, tmp_path: Path,
     assert staging_entries(layout) == []
     assert {p.name for p in layout.key_dir(CPU).iterdir()} == {"current", result.generation}
     assert not layout.trash.exists() or not any(layout.trash.iterdir())
-    assert find_staging_path(result.prefix, str(layout.staging)) == []
+    assert find_staging_path(result.prefix, str(layout.staging), trust_hardlinks=False) == []
 
 
 def test_exdev_on_promote_falls_back_to_copy(project: SampleProject, tmp_path: Path,

@@ -190,3 +190,16 @@ def test_find_staging_path(tmp_path: Path) -> None:
     os.symlink(prefix / "bin" / "tool", prefix / "bin" / "link")
     assert find_staging_path(prefix, staging) == ["bin/tool", "lib/data.bin"]
     assert find_staging_path(prefix, "/elsewhere") == []
+
+
+def test_find_staging_path_skips_hardlinked_cache_files_unless_told(tmp_path: Path) -> None:
+    staging = "/x/.staging/k.0123456789ab.abcdef"
+    cache = tmp_path / "pkgs" / "p-1-0"
+    cache.mkdir(parents=True)
+    (cache / "f.txt").write_text(staging)  # impossible in a real cache; proves what is read
+    prefix = tmp_path / "env"
+    prefix.mkdir()
+    os.link(cache / "f.txt", prefix / "f.txt")
+    (prefix / "own.txt").write_text(staging)
+    assert find_staging_path(prefix, staging) == ["own.txt"]
+    assert find_staging_path(prefix, staging, trust_hardlinks=False) == ["f.txt", "own.txt"]
