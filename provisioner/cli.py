@@ -321,6 +321,95 @@ def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
         _emit_json(report.inventory)
 
 
+def _show(as_json: bool, data: object, lines: list[str]) -> None:
+    if as_json:
+        _emit_json(data)
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+@cli.command("migrate")
+@project_options
+@click.option("--model", default=None, help="Migrate this model's legacy venv.")
+@click.option("--all", "all_", is_flag=True, help="Migrate every legacy venv.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--delete-legacy", is_flag=True,
+              help="Delete each legacy local_<id> dir once its shared env is healthy.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def migrate_cmd(ctx: click.Context, project: Path | None, model: str | None, all_: bool,
+                dry_run: bool, delete_legacy: bool, as_json: bool) -> None:
+    """Move legacy per-model venvs onto verified shared envs; exit 1 if any is kept."""
+    from provisioner.migrate import migrate, render_report_text
+
+    if (model is None) == (not all_):
+        raise click.UsageError("pass exactly one of --model MODEL or --all")
+    report = migrate(_config(ctx, project), model=model, all_=all_, dry_run=dry_run,
+                     delete_legacy=delete_legacy)
+    _show(as_json, report.to_dict(), render_report_text(report))
+    if not report.ok:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+@cli.command("list")
+@project_options
+@click.option("--no-probe", is_flag=True, help="Only cached legacy health; never probe.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def list_cmd(ctx: click.Context, project: Path | None, no_probe: bool, as_json: bool) -> None:
+    """List shared envs (every generation) and legacy venvs, with sizes and health."""
+    from provisioner.inventory import list_envs, render_inventory_text
+
+    inventory = list_envs(_config(ctx, project), probe=not no_probe)
+    _show(as_json, inventory.to_dict(), render_inventory_text(inventory))
+
+
+@cli.command("health")
+@click.argument("key", required=False)
+@project_options
+@click.option("--legacy", is_flag=True, help="Probe every legacy venv instead.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def health_cmd(ctx: click.Context, key: str | None, project: Path | None, legacy: bool,
+               as_json: bool) -> None:
+    """Probe KEY's env strictly (default: every built key); exit 1 if any is unhealthy."""
+    from provisioner.inventory import health, render_health_text
+
+    rows = health(_config(ctx, project), key, legacy=legacy)
+    ok = all(r.healthy for r in rows)
+    _show(as_json, {"ok": ok, "envs": [r.to_dict() for r in rows]}, render_health_text(rows))
+    if not ok:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True,
+                                      "allow_interspersed_args": False})
+@project_options
+@click.argument("model")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run_cmd(ctx: click.Context, project: Path | None, model: str,
+            command: tuple[str, ...]) -> None:
+    """Run COMMAND with MODEL's env first on PATH: run [--project P] MODEL -- CMD [ARGS]."""
+    from provisioner.inventory import run_in_env
+
+    argv = command[1:] if command[:1] == ("--",) else command
+    ctx.exit(run_in_env(_config(ctx, project), model, argv))
+
+
+@cli.command("doctor")
+@project_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def doctor_cmd(ctx: click.Context, project: Path | None, as_json: bool) -> None:
+    """Report platform, python, CUDA driver, backends, free disk and paths."""
+    from provisioner.inventory import doctor, render_doctor_text
+
+    report = doctor(_config(ctx, project))
+    _show(as_json, report.to_dict(), render_doctor_text(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn errors into exit codes."""
     try:

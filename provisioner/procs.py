@@ -180,3 +180,29 @@ def run(
         timed_out=timed_out,
         seconds=time.monotonic() - started,
     )
+
+
+def run_passthrough(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run ``argv`` with inherited stdin/stdout/stderr and return its exit code.
+
+    For commands the user runs in an env (``provisioner run``): the child shares
+    the terminal and its process group, so Ctrl-C reaches it directly; this
+    process waits for it to finish. ``argv[0]`` is looked up on ``env``'s
+    ``PATH`` when given. A child killed by signal N gives ``128 + N``, as in a
+    shell. Raises ``ToolMissingError`` if the program does not exist.
+    """
+    args = [str(a) for a in argv]
+    if not args:
+        raise ValueError("run_passthrough() needs a program to run")
+    executable = _resolve(args[0], env)
+    try:
+        proc = subprocess.Popen([executable, *args[1:]], env=None if env is None else dict(env))
+    except FileNotFoundError:
+        raise _missing(args[0]) from None
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            continue  # the child got the same SIGINT; let it decide when to stop
+    return 128 - code if code < 0 else code
