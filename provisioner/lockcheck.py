@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from provisioner.config import Config
-from provisioner.errors import ProvisionerError
+from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
 from provisioner.lockmodel import read_lock_header
 from provisioner.platforms import VirtualPackages, virtual_packages_for
@@ -117,4 +117,10 @@ def check_key(config: Config, key: str) -> CheckResult:
 def check_locks(config: Config, keys: list[str] | None = None) -> list[CheckResult]:
     """Check the given keys (default: every spec in the project)."""
     chosen = [validate_env_key(k) for k in keys] if keys else list_spec_keys(config.specs_dir)
+    if not chosen:
+        # A check of nothing must not pass: CI run in the wrong directory would go green.
+        raise UserError(
+            f"no specs found in {config.specs_dir}",
+            hint="run inside a project with environment-specs/, or pass --project DIR",
+        )
     return [check_key(config, key) for key in chosen]

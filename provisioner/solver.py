@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +16,24 @@ from provisioner.lockmodel import LockedPackage
 from provisioner.platforms import VirtualPackages
 
 _BUILD_NUMBER_RE = re.compile(r"(?:^|_)(\d+)$")
+_SETTLE_LIMIT_S = 1.0
+
+
+def _wait_for_rattler_threads() -> None:
+    """Return once no thread that Python did not start is running Python code.
+
+    py-rattler completes a future from a tokio thread that is still inside
+    asyncio's ``call_soon_threadsafe`` when the awaiting coroutine resumes. If
+    the interpreter exits in that window (a failed solve followed by the CLI's
+    exit), the thread dies during finalisation and the process aborts or
+    segfaults instead of exiting with the error's code.
+    """
+    deadline = time.monotonic() + _SETTLE_LIMIT_S
+    while time.monotonic() < deadline:
+        ours = {t.ident for t in threading.enumerate()}
+        if all(ident in ours for ident in sys._current_frames()):
+            return
+        time.sleep(0.001)  # lets the rattler thread take the GIL and finish
 
 
 def _split_dependency(dep: str) -> tuple[str, str]:
@@ -97,6 +118,7 @@ def solve_platform(
             )
         )
     except Exception as exc:
+        _wait_for_rattler_threads()
         name = type(exc).__name__
         text = str(exc).strip() or name
         if "Solver" in name or "Unsolvable" in name or "cannot be installed" in text:
@@ -109,6 +131,7 @@ def solve_platform(
             f"{key} ({platform}): could not read channel metadata: {first}",
             hint="check the channel names, [channels] mirrors and --channel-root",
         ) from None
+    _wait_for_rattler_threads()
     by_source = {c.source.rstrip("/"): c for c in channels}
     locked = []
     for record in records:
