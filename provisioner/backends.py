@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -84,14 +83,14 @@ class RattlerBackend:
     ) -> None:
         import rattler
 
-        from provisioner.solver import locked_to_record
+        from provisioner.solver import locked_to_record, run_rattler
 
         records = [
             locked_to_record(a.package, a.url, a.url.rsplit("/", 2)[0]) for a in artifacts
         ]
         reporter = _reporter(progress) if progress is not None else None
         try:
-            asyncio.run(
+            run_rattler(
                 rattler.install(
                     records,
                     target_prefix=target,

@@ -18,7 +18,6 @@ Every artifact is byte-deterministic: the same inputs give the same sha256.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -189,8 +188,10 @@ def index_channel(channel_dir: Path, *, force: bool = True) -> None:
     """
     import rattler.index
 
+    from provisioner.solver import run_rattler
+
     (Path(channel_dir) / "noarch").mkdir(parents=True, exist_ok=True)
-    asyncio.run(
+    run_rattler(
         rattler.index.index_fs(Path(channel_dir), write_zst=False, write_shards=False, force=force)
     )
     with contextlib.suppress(OSError):  # the indexer leaves an empty scratch dir behind

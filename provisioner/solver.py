@@ -36,6 +36,14 @@ def _wait_for_rattler_threads() -> None:
         time.sleep(0.001)  # lets the rattler thread take the GIL and finish
 
 
+def run_rattler(coroutine: Any) -> Any:
+    """``asyncio.run`` a py-rattler coroutine, then let rattler's threads settle."""
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        _wait_for_rattler_threads()
+
+
 def _split_dependency(dep: str) -> tuple[str, str]:
     name, _sep, rest = dep.strip().partition(" ")
     return name, rest.strip()
@@ -106,7 +114,7 @@ def solve_platform(
     match_specs = _match_specs(specs)
     subdirs: list[Any] = [platform, "noarch"]
     try:
-        records = asyncio.run(
+        records = run_rattler(
             rattler.solve(
                 sources=[rattler.Channel(c.source) for c in channels],
                 specs=match_specs,
@@ -118,7 +126,6 @@ def solve_platform(
             )
         )
     except Exception as exc:
-        _wait_for_rattler_threads()
         name = type(exc).__name__
         text = str(exc).strip() or name
         if "Solver" in name or "Unsolvable" in name or "cannot be installed" in text:
@@ -131,7 +138,6 @@ def solve_platform(
             f"{key} ({platform}): could not read channel metadata: {first}",
             hint="check the channel names, [channels] mirrors and --channel-root",
         ) from None
-    _wait_for_rattler_threads()
     by_source = {c.source.rstrip("/"): c for c in channels}
     locked = []
     for record in records:
