@@ -119,8 +119,12 @@ def _solve_key(
         if spec.pip:
             existing_pip = pip_lock_path(config.locks_dir, spec.key, platform)
             if skip_pip:
-                if existing_pip.is_file():
-                    pip_texts[platform] = existing_pip.read_text(encoding="utf-8")
+                if not existing_pip.is_file():
+                    raise LockfileError(
+                        f"{spec.key}: --skip-pip needs an existing {existing_pip.name}",
+                        hint="lock once with the package index reachable",
+                    )
+                pip_texts[platform] = existing_pip.read_text(encoding="utf-8")
             else:
                 log.info("locking the pip layer of %s for %s with uv", spec.key, platform)
                 pip_texts[platform] = lock_pip_layer(
@@ -180,23 +184,17 @@ def lock_envs(
             hint="run inside a project with environment-specs/, or pass --project DIR",
         )
     specs = [load_spec(config.specs_dir, key) for key in chosen]
-    outcomes = []
+    # Solve every key before writing any file: a failure anywhere leaves all locks untouched.
+    solved = []
     for spec in specs:
         lock_path = lockfile_path(config.locks_dir, spec.key)
         old = _read_existing(lock_path)
         if update:
-            if old is None:
-                raise LockfileError(
-                    f"--update needs an existing lock for {spec.key}",
-                    hint=f"run 'provisioner lock {spec.key}' first",
-                )
-            locked_names = {p.name for p in old.packages}
-            unknown = sorted(set(update) - locked_names)
-            if unknown:
-                raise UserError(
-                    f"{spec.key}: cannot update {', '.join(unknown)}: not in the lock"
-                )
+            _check_update(spec.key, old, update)
         data, pip_texts = _solve_key(spec, config, old, update, update_all, skip_pip)
+        solved.append((spec, lock_path, old, data, pip_texts, _render(data, lock_path.name)))
+    outcomes = []
+    for spec, lock_path, old, data, pip_texts, rendered in solved:
         config.locks_dir.mkdir(parents=True, exist_ok=True)
         pip_files = []
         for platform, text in sorted(pip_texts.items()):
@@ -204,7 +202,6 @@ def lock_envs(
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 fsops.atomic_write_text(path, text)
             pip_files.append(path)
-        rendered = _render(data, lock_path.name)
         changed = not lock_path.is_file() or lock_path.read_bytes() != rendered
         if changed:
             fsops.atomic_write_bytes(lock_path, rendered)
@@ -221,3 +218,14 @@ def lock_envs(
             )
         )
     return outcomes
+
+
+def _check_update(key: str, old: LockData | None, update: Sequence[str]) -> None:
+    if old is None:
+        raise LockfileError(
+            f"--update needs an existing lock for {key}",
+            hint=f"run 'provisioner lock {key}' first",
+        )
+    unknown = sorted(set(update) - {p.name for p in old.packages})
+    if unknown:
+        raise UserError(f"{key}: cannot update {', '.join(unknown)}: not in the lock")

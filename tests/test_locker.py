@@ -332,3 +332,22 @@ def test_solve_failure_on_a_later_platform_writes_nothing(locked: Locked, tmp_pa
     with pytest.raises(SolveError, match=r"\(win-64\)"):
         lock_envs(load_config(project, environ={}), [CU121_BNB], update_all=True)
     assert lock_bytes(project) == before
+
+
+def test_a_failing_key_leaves_every_other_key_untouched(locked: Locked, tmp_path: Path) -> None:
+    project = copy_project(locked.root, tmp_path / "p")
+    _replace_dep(project, CU121, "transformers", "transformers >=4.40")  # solvable: moves
+    _replace_dep(project, CU121_BNB, "pytorch=2.2.1", "pytorch=9.9")  # unsolvable
+    before = lock_bytes(project)
+    with pytest.raises(SolveError):
+        lock_envs(load_config(project, environ={}), [CU121, CU121_BNB])
+    assert lock_bytes(project) == before
+
+
+def test_skip_pip_without_an_existing_pip_lock_is_an_error(locked: Locked, tmp_path: Path) -> None:
+    project = copy_project(locked.root, tmp_path / "p")
+    deps = list(spec_data(project, CPU)["dependencies"])  # type: ignore[call-overload]
+    edit_spec(project, CPU, dependencies=[*deps, {"pip": ["tinywheel==1.0"]}])
+    with pytest.raises(LockfileError, match="--skip-pip needs an existing"):
+        lock_envs(load_config(project, environ={}), [CPU], skip_pip=True)
+    assert not (project / "lockfiles" / f"{CPU}.linux-64.pip.txt").exists()
