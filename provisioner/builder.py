@@ -115,7 +115,9 @@ def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> En
             return _result(plan, "reuse", start, waited=waited)
         for stale in plan.stale_staging:
             log.info("removing interrupted build %s", stale.name)
-            fsops.safe_rmtree(stale)
+            # A kill right after the staging dir's mkdir leaves it without a marker.
+            if not fsops.remove_unmarked_stub(stale):
+                fsops.safe_rmtree(stale)
         if plan.prefix.exists():
             _discard(layout, plan.prefix)
         return _build(config, layout, plan, opts, start, waited)

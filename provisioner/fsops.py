@@ -170,6 +170,29 @@ def has_marker(directory: Path) -> bool:
         return False
 
 
+def remove_unmarked_stub(directory: Path) -> bool:
+    """Remove ``directory`` if it is what a kill between its mkdir and its marker leaves.
+
+    That is a real directory without a marker that holds nothing but temporary
+    files of an interrupted :func:`write_marker`. Returns whether it was
+    removed; any other directory is left alone (use :func:`safe_rmtree`).
+    """
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or _is_junction(st) or has_marker(directory):
+        return False
+    leftover = f".{MARKER_NAME}.tmp-"
+    entries = _list_dir(_os_path(directory))
+    if not all(e.name.startswith(leftover) and e.is_file(follow_symlinks=False) for e in entries):
+        return False
+    for entry in entries:
+        os.unlink(entry.path)
+    os.rmdir(_os_path(directory))
+    return True
+
+
 def _is_junction(st: os.stat_result) -> bool:
     tag = getattr(st, "st_reparse_tag", 0)
     return bool(tag) and tag == getattr(stat, "IO_REPARSE_TAG_MOUNT_POINT", -1)
