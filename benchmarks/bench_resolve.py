@@ -60,7 +60,8 @@ def main() -> None:
     assert get_env_for_model(legacy_model, config=config).source == "legacy"
 
     rows = []
-    for label, model in (("ready shared env", shared_model), ("legacy, cached health", legacy_model)):
+    cases = (("ready shared env", shared_model), ("legacy, cached health", legacy_model))
+    for label, model in cases:
         samples = []
         for _ in range(args.calls):
             t0 = time.perf_counter()
@@ -75,11 +76,13 @@ def main() -> None:
     import_s = _median_wall([py, "-c", "from provisioner import get_env_for_model"], args.runs, env)
     cli = [py, "-m", "provisioner", "-q", "resolve", shared_model, "--project", str(project)]
     resolve_s = _median_wall(cli, args.runs, env)
-    loaded = subprocess.run(
-        [py, "-c", "import sys; from provisioner import get_env_for_model; "
-         f"get_env_for_model({shared_model!r}, project={str(project)!r}, home={str(home)!r}); "
-         "print(sorted({m.split('.')[0] for m in sys.modules} & {'rattler', 'conda_lock', 'rich'}))"],
-        check=True, capture_output=True, text=True, env=env).stdout.strip()
+    probe = (
+        "import sys; from provisioner import get_env_for_model; "
+        f"get_env_for_model({shared_model!r}, project={str(project)!r}, home={str(home)!r}); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'rattler', 'conda_lock', 'rich'}))"
+    )
+    loaded = subprocess.run([py, "-c", probe], check=True, capture_output=True, text=True,
+                            env=env).stdout.strip()
 
     print(f"in-process get_env_for_model, median of {args.calls} calls (budget 5 ms):")
     for label, median_ms, worst_ms in rows:

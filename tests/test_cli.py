@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from provisioner.sample_project import sample_platforms
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LOCKS = REPO / "tests" / "data" / "real-locks"
-PROVISIONER = Path(sys.executable).parent / (
+PROVISIONER = Path(sysconfig.get_path("scripts")) / (
     "provisioner.exe" if sys.platform == "win32" else "provisioner"
 )
 CU121 = "sample-cu121-transformers"

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from provisioner.sample_project import sample_platforms, write_sample_project
 from provisioner.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
-PROVISIONER = Path(sys.executable).parent / (
+PROVISIONER = Path(sysconfig.get_path("scripts")) / (
     "provisioner.exe" if sys.platform == "win32" else "provisioner"
 )
 CU121 = "sample-cu121-transformers"

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ from provisioner.sample_project import sample_platforms, write_sample_project
 from provisioner.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
-PROVISIONER = Path(sys.executable).parent / (
+PROVISIONER = Path(sysconfig.get_path("scripts")) / (
     "provisioner.exe" if sys.platform == "win32" else "provisioner"
 )
 CONDA_MIRROR = REPO / "tests" / "data" / "conda-mirror"

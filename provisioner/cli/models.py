@@ -1,0 +1,143 @@
+"""Commands on models: resolve, migrate, list, health, run, doctor, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from provisioner.cli.base import cli, emit_json, make_config, project_options, show
+from provisioner.errors import EXIT_CHECK_FAILED
+
+
+@cli.command("resolve")
+@click.argument("model")
+@project_options
+@click.option("--policy", type=click.Choice(["prefer", "fallback", "ignore"]), default=None,
+              help="How legacy per-model venvs are used (default: config, else prefer).")
+@click.option("--no-build", is_flag=True, help="Never build; fail if nothing is ready.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def resolve_cmd(ctx: click.Context, model: str, project: Path | None, policy: str | None,
+                no_build: bool, as_json: bool) -> None:
+    """Print the python that should run MODEL (building its shared env if needed)."""
+    from provisioner.resolve import get_env_for_model
+
+    result = get_env_for_model(model, config=make_config(ctx, project), policy=policy,
+                               build=not no_build)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        click.echo(result.python)
+
+
+@cli.command("demo")
+@click.option("--home", "demo_home", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Empty directory for the demo (default: a new temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
+    """Play the four model-load scenarios offline, with a sample channel and an old venv."""
+    from provisioner.demo import run_demo
+
+    report = run_demo(demo_home)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo("")
+    for i, scenario in enumerate(report.scenarios, 1):
+        res = scenario.resolution
+        click.echo(f"({i}) {scenario.title}: {res.model_id} -> {res.source} [{res.env_key}]")
+        click.echo(f"    python {res.python}")
+        for attempt in res.attempts:
+            click.echo(f"    - {attempt.step}: {attempt.outcome} ({attempt.detail})")
+    click.echo("")
+    click.echo(f"build of a new shared env:        {report.build_seconds:.2f} s")
+    click.echo(f"second model, same key (first):   {report.reuse_ms:.1f} ms")
+    click.echo(f"second model, same key (repeat):  {report.repeat_ms:.1f} ms")
+    click.echo(f"shared env on disk:               {report.env_bytes / 1024:.1f} KiB, of which "
+               f"{report.hardlinked_bytes / 1024:.1f} KiB hardlinked from the package cache")
+    click.echo(f"demo files are in {report.root}")
+    if report.inventory:
+        click.echo("")
+        emit_json(report.inventory)
+
+
+@cli.command("migrate")
+@project_options
+@click.option("--model", default=None, help="Migrate this model's legacy venv.")
+@click.option("--all", "all_", is_flag=True, help="Migrate every legacy venv.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--delete-legacy", is_flag=True,
+              help="Delete each legacy local_<id> dir once its shared env is healthy.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def migrate_cmd(ctx: click.Context, project: Path | None, model: str | None, all_: bool,
+                dry_run: bool, delete_legacy: bool, as_json: bool) -> None:
+    """Move legacy per-model venvs onto verified shared envs; exit 1 if any is kept."""
+    from provisioner.migrate import migrate, render_report_text
+
+    if (model is None) == (not all_):
+        raise click.UsageError("pass exactly one of --model MODEL or --all")
+    report = migrate(make_config(ctx, project), model=model, all_=all_, dry_run=dry_run,
+                     delete_legacy=delete_legacy)
+    show(as_json, report.to_dict(), render_report_text(report))
+    if not report.ok:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+@cli.command("list")
+@project_options
+@click.option("--no-probe", is_flag=True, help="Only cached legacy health; never probe.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def list_cmd(ctx: click.Context, project: Path | None, no_probe: bool, as_json: bool) -> None:
+    """List shared envs (every generation) and legacy venvs, with sizes and health."""
+    from provisioner.inventory import list_envs, render_inventory_text
+
+    inventory = list_envs(make_config(ctx, project), probe=not no_probe)
+    show(as_json, inventory.to_dict(), render_inventory_text(inventory))
+
+
+@cli.command("health")
+@click.argument("key", required=False)
+@project_options
+@click.option("--legacy", is_flag=True, help="Probe every legacy venv instead.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def health_cmd(ctx: click.Context, key: str | None, project: Path | None, legacy: bool,
+               as_json: bool) -> None:
+    """Probe KEY's env strictly (default: every built key); exit 1 if any is unhealthy."""
+    from provisioner.inventory import health, render_health_text
+
+    rows = health(make_config(ctx, project), key, legacy=legacy)
+    ok = all(r.healthy for r in rows)
+    show(as_json, {"ok": ok, "envs": [r.to_dict() for r in rows]}, render_health_text(rows))
+    if not ok:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True,
+                                      "allow_interspersed_args": False})
+@project_options
+@click.argument("model")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run_cmd(ctx: click.Context, project: Path | None, model: str,
+            command: tuple[str, ...]) -> None:
+    """Run COMMAND with MODEL's env first on PATH: run [--project P] MODEL -- CMD [ARGS]."""
+    from provisioner.inventory import run_in_env
+
+    argv = command[1:] if command[:1] == ("--",) else command
+    ctx.exit(run_in_env(make_config(ctx, project), model, argv))
+
+
+@cli.command("doctor")
+@project_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def doctor_cmd(ctx: click.Context, project: Path | None, as_json: bool) -> None:
+    """Report platform, python, CUDA driver, backends, free disk and paths."""
+    from provisioner.inventory import doctor, render_doctor_text
+
+    report = doctor(make_config(ctx, project))
+    show(as_json, report.to_dict(), render_doctor_text(report))
