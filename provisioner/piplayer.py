@@ -71,6 +71,16 @@ def uv_executable() -> str:
         return found
 
 
+def index_arguments(settings: PipSettings) -> list[str]:
+    """uv options for where wheels come from; none means uv's own configuration."""
+    argv = ["--no-index"] if settings.no_index else []
+    if settings.index_url:
+        argv += ["--index-url", settings.index_url]
+    for link in settings.find_links:
+        argv += ["--find-links", link]
+    return argv
+
+
 def python_platform_for(platform: str, virtual_packages: VirtualPackages) -> str:
     """uv's ``--python-platform`` for a conda platform."""
     glibc = virtual_packages.get("__glibc", ("2.28", "0"))[0]
@@ -204,12 +214,7 @@ def lock_pip_layer(
             "--python-platform", python_platform_for(platform, virtual_packages),
             "--generate-hashes", "--no-header", "--quiet",
         ]
-        if settings.no_index:
-            argv.append("--no-index")
-        if settings.index_url:
-            argv += ["--index-url", settings.index_url]
-        for link in settings.find_links:
-            argv += ["--find-links", link]
+        argv += index_arguments(settings)
         result = procs.run(argv, timeout=UV_TIMEOUT_S)
     if result.timed_out or result.returncode != 0:
         detail = (result.stderr or result.stdout).strip()
@@ -277,12 +282,7 @@ def install_pip_layer(
         "--python-platform", python_platform_for(platform, virtual_packages),
         "--only-binary", ":all:", "--quiet",
     ]
-    if settings.no_index:
-        argv.append("--no-index")
-    if settings.index_url:
-        argv += ["--index-url", settings.index_url]
-    for link in settings.find_links:
-        argv += ["--find-links", link]
+    argv += index_arguments(settings)
     result = procs.run(argv, timeout=UV_TIMEOUT_S)
     if not result.ok:
         detail = (result.stderr or result.stdout).strip()
