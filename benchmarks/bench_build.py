@@ -47,9 +47,6 @@ from provisioner.config import CONFIG_FILE_NAME, SPECS_DIR_NAME, Config, load_co
 from provisioner.layout import HomeLayout
 from provisioner.platforms import host_platform
 from provisioner.sample import (
-    PREFIX_PLACEHOLDER,
-    PackageFile,
-    build_conda_package,
     build_sample_channel,
     build_synthetic_channel,
 )
@@ -70,19 +67,11 @@ def say(text: str = "") -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def _extra_packages(channel: Path, subdir: str, count: int, files: int) -> list[str]:
+def _extra_packages(channel: Path, subdir: str, count: int, files: int,
+                    file_size: int) -> list[str]:
     """``count`` packages shaped like the synthetic ones, under other names, no deps."""
-    names = [f"synthx-{i:05d}" for i in range(count)]
-    for name in names:
-        pkg_files = []
-        for j in range(files):
-            body = f"{name} file {j}\n" + "x" * 200 + "\n"
-            if j == 0:
-                body += f"prefix = {PREFIX_PLACEHOLDER}\n"
-            pkg_files.append(PackageFile(f"share/synth/{name}/f{j:04d}.txt", body.encode(),
-                                         text_placeholder=j == 0))
-        build_conda_package(channel, subdir, name, "1.0", "h_synth_0", files=pkg_files)
-    return names
+    return build_synthetic_channel(channel, count, files, subdir, file_size,
+                                   name_prefix="synthx-", with_deps=False)
 
 
 def _write_spec(specs_dir: Path, key: str, deps: list[str], platform: str) -> None:
@@ -92,16 +81,18 @@ def _write_spec(specs_dir: Path, key: str, deps: list[str], platform: str) -> No
                                           encoding="utf-8")
 
 
-def make_project(root: Path, n_packages: int, n_files: int) -> tuple[Path, dict[str, int]]:
+def make_project(
+    root: Path, n_packages: int, n_files: int, file_size: int = 200
+) -> tuple[Path, dict[str, int]]:
     """Channel, two specs and their locks under ``root``; return (project, counts)."""
     from provisioner.locker import lock_envs
 
     platform = host_platform()
     project = root / "project"
     channel = project / "channel"
-    names = build_synthetic_channel(channel, n_packages, n_files, platform)
+    names = build_synthetic_channel(channel, n_packages, n_files, platform, file_size)
     n_swap = max(1, round(n_packages * 0.10))
-    extras = _extra_packages(channel, platform, n_swap, n_files)
+    extras = _extra_packages(channel, platform, n_swap, n_files, file_size)
     # The sample python (a launcher for this interpreter); this also re-indexes the channel.
     build_sample_channel(channel, [platform])
     specs = project / SPECS_DIR_NAME
@@ -286,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packages", type=int, default=150)
     parser.add_argument("--files", type=int, default=40, help="files per package")
+    parser.add_argument("--file-size", type=int, default=200,
+                        help="bytes per file (real packages average several KiB)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--reuse-calls", type=int, default=200)
     parser.add_argument("--profile", action="store_true",
@@ -309,7 +302,8 @@ def run(root: Path, args: argparse.Namespace) -> None:
     load_before = _load()
     say(f"bench_build: {args.packages} packages x {args.files} files, repeat {args.repeat}, "
         f"{host_platform()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-    t_setup, (project, counts) = timed(lambda: make_project(root, args.packages, args.files))
+    t_setup, (project, counts) = timed(
+        lambda: make_project(root, args.packages, args.files, args.file_size))
     say(f"setup (channel + lock): {t_setup:.1f} s; locked packages: "
         + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

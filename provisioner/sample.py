@@ -428,24 +428,26 @@ def build_wheel(
 
 
 def build_synthetic_channel(
-    channel_dir: Path, n_packages: int, files_per_package: int, subdir: str
+    channel_dir: Path, n_packages: int, files_per_package: int, subdir: str,
+    file_size: int = 200, *, name_prefix: str = "synth-", with_deps: bool = True,
 ) -> list[str]:
     """Build and index ``n_packages`` generic packages for benchmarks; return their names.
 
-    Each package holds ``files_per_package`` text files (the first one with a
-    prefix placeholder), and some packages depend on earlier ones.
+    Each package holds ``files_per_package`` text files of about ``file_size``
+    bytes (the first one with a prefix placeholder), and with ``with_deps`` some
+    packages depend on earlier ones.
     """
-    names = [f"synth-{i:05d}" for i in range(n_packages)]
+    names = [f"{name_prefix}{i:05d}" for i in range(n_packages)]
     noarch = "generic" if subdir == "noarch" else None
     for i, name in enumerate(names):
         deps = []
-        if i % 7 == 3:
+        if with_deps and i % 7 == 3:
             deps.append(names[i - 1])
-        if i % 11 == 5:
+        if with_deps and i % 11 == 5:
             deps.append(f"{names[i // 2]} >=1.0")
         files = []
         for j in range(files_per_package):
-            body = f"{name} file {j}\n" + "x" * 200 + "\n"
+            body = f"{name} file {j}\n" + "x" * file_size + "\n"
             if j == 0:
                 body += f"prefix = {PREFIX_PLACEHOLDER}\n"
             files.append(PackageFile(f"share/synth/{name}/f{j:04d}.txt", body.encode(),
