@@ -44,6 +44,16 @@ def run_rattler(coroutine: Any) -> Any:
         _wait_for_rattler_threads()
 
 
+def _explain(text: str) -> str:
+    """rattler's explanation: on the error's line when it is one line, else indented below."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    first = lines[0].removeprefix("Cannot solve the request because of:").strip() if lines else ""
+    rest = lines[1:]
+    if not rest:
+        return first or text.strip()
+    return "\n".join([first or "conflicting requirements", *("  " + ln for ln in rest)])
+
+
 def _split_dependency(dep: str) -> tuple[str, str]:
     name, _sep, rest = dep.strip().partition(" ")
     return name, rest.strip()
@@ -130,7 +140,7 @@ def solve_platform(
         text = str(exc).strip() or name
         if "Solver" in name or "Unsolvable" in name or "cannot be installed" in text:
             raise SolveError(
-                f"{key} ({platform}): the spec cannot be solved:\n{text}",
+                f"{key} ({platform}): the spec cannot be solved: {_explain(text)}",
                 hint="relax a version pin in the spec or add the channel that has the package",
             ) from None
         first = text.splitlines()[0]
