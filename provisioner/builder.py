@@ -153,11 +153,16 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     from provisioner.channels import resolve_channels
     from provisioner.condalock_adapter import read_lockfile
     from provisioner.cudacheck import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
-    from provisioner.lockcheck import platform_virtual_packages
+    from provisioner.lockcheck import check_key, platform_virtual_packages
     from provisioner.spec import load_spec
 
     log.info("%s %s: %s", plan.action, plan.key, plan.reason)
     spec = load_spec(config.specs_dir, plan.key)
+    freshness = check_key(config, plan.key)
+    if not freshness.ok:
+        # The lock is what gets built; a spec edited since is only a warning here.
+        log.warning("%s: the spec changed since it was locked; building the lock as it is "
+                    "(run 'provisioner lock %s' to pick up the change)", plan.key, plan.key)
     lock = read_lockfile(plan.lockfile)
     packages = lock.for_platform(plan.platform, "conda")
     choice = choose_backend(opts.backend, config.backend, plan.platform)

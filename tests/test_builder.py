@@ -661,3 +661,18 @@ def test_threads_build_once(project: SampleProject, tmp_path: Path) -> None:
     assert actions == ["build", "reuse", "reuse", "reuse"]
     assert len({r.python for r in results}) == 1
     assert run_python(results[0].python, "import torch; print(torch.__version__)") == "2.2.1"
+
+
+def test_building_a_lock_older_than_its_spec_warns(
+    project: SampleProject, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = tmp_path / "p"
+    shutil.copytree(project.path, copy, symlinks=True)
+    spec = copy / "environment-specs" / f"{CPU}.yml"
+    spec.write_text(spec.read_text(encoding="utf-8").replace(
+        "- transformers\nx-provisioner", "- transformers >=4.36\nx-provisioner"), encoding="utf-8")
+    assert "- transformers >=4.36" in spec.read_text(encoding="utf-8")
+    caplog.set_level(logging.WARNING, logger="provisioner")
+    result = ensure(load_config(copy, home=tmp_path / "home", environ={}), CPU)
+    assert result.action == "build"
+    assert "spec changed since it was locked" in caplog.text

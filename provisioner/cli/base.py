@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         code = EXIT_USER_ERROR
     except ProvisionerError as exc:
-        message = exc.message if exc.exit_code == EXIT_USER_ERROR else f"internal: {exc.message}"
-        click.echo(f"error: {message}", err=True)
+        # Exit codes tell user errors (2) from failures of the build or the tool (3).
+        click.echo(f"error: {exc.message}", err=True)
         if exc.hint:
             click.echo(f"hint: {exc.hint}", err=True)
         if os.environ.get("PROVISIONER_DEBUG") and exc.exit_code != EXIT_USER_ERROR:
