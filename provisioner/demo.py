@@ -13,11 +13,12 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.config import Config, load_config
 from provisioner.errors import UserError
+from provisioner.inventory import Inventory, list_envs
 from provisioner.resolve import Resolution, get_env_for_model
 
 log = logging.getLogger("provisioner.demo")
@@ -50,7 +51,7 @@ class DemoReport:
     env_bytes: int
     hardlinked_bytes: int
     repeat_ms: float
-    inventory: dict[str, object] = field(default_factory=dict)
+    inventory: Inventory | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -61,7 +62,7 @@ class DemoReport:
             "repeat_ms": round(self.repeat_ms, 3),
             "env_bytes": self.env_bytes,
             "hardlinked_bytes": self.hardlinked_bytes,
-            "inventory": self.inventory,
+            "inventory": self.inventory.to_dict() if self.inventory else None,
         }
 
 
@@ -129,13 +130,7 @@ def run_demo(root: Path | None = None) -> DemoReport:
     repeat_ms = (time.monotonic() - t0) * 1000
     env_bytes = fsops.tree_size(Path(built.prefix))
     linked = _hardlinked_bytes(Path(built.prefix))
-    inventory: dict[str, object] = {}
-    try:
-        from provisioner.inventory import list_envs
-
-        inventory = list_envs(config).to_dict()
-    except ImportError:
-        pass
+    inventory = list_envs(config)
     return DemoReport(root, tuple(scenarios), build_seconds, reuse_ms, env_bytes, linked,
                       repeat_ms, inventory)
 

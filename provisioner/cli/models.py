@@ -57,9 +57,13 @@ def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
     click.echo(f"shared env on disk:               {report.env_bytes / 1024:.1f} KiB, of which "
                f"{report.hardlinked_bytes / 1024:.1f} KiB hardlinked from the package cache")
     click.echo(f"demo files are in {report.root}")
-    if report.inventory:
+    if report.inventory is not None:
+        from provisioner.inventory import render_inventory_text
+
         click.echo("")
-        emit_json(report.inventory)
+        click.echo("provisioner list:")
+        for line in render_inventory_text(report.inventory):
+            click.echo(line)
 
 
 @cli.command("migrate")
