@@ -157,7 +157,7 @@ def test_channel_mirrors(tmp_path: Path) -> None:
 [channels]
 pytorch = "mirrors/pytorch"
 nvidia = "{tmp_path / 'abs-nvidia'}"
-conda-forge = "https://mirror.example.org/conda-forge"
+conda-forge = "https://example.org/mirror/conda-forge"
 local = "file:///srv/channel"
 """,
     )
@@ -165,7 +165,7 @@ local = "file:///srv/channel"
     assert cfg.channel_mirrors == {
         "pytorch": str(project / "mirrors" / "pytorch"),
         "nvidia": str(tmp_path / "abs-nvidia"),
-        "conda-forge": "https://mirror.example.org/conda-forge",
+        "conda-forge": "https://example.org/mirror/conda-forge",
         "local": "file:///srv/channel",
     }
 
@@ -185,14 +185,14 @@ def test_pip_settings(tmp_path: Path) -> None:
         tmp_path,
         """\
 [pip]
-index-url = "https://pypi.example.org/simple"
-find-links = ["wheels", "https://download.example.org/whl"]
+index-url = "https://example.org/pypi/simple"
+find-links = ["wheels", "https://example.org/download/whl"]
 no-index = true
 """,
     )
     assert load_config(project, environ=NO_ENV).pip == PipSettings(
-        index_url="https://pypi.example.org/simple",
-        find_links=(str(project / "wheels"), "https://download.example.org/whl"),
+        index_url="https://example.org/pypi/simple",
+        find_links=(str(project / "wheels"), "https://example.org/download/whl"),
         no_index=True,
     )
 
