@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from provisioner import __version__, fsops
+from provisioner import __version__
 from provisioner.layout import FINGERPRINT_NAME, IN_PROGRESS_NAME
 
 SCHEMA_VERSION = 1
@@ -59,6 +59,8 @@ def read_fingerprint(prefix: Path) -> Fingerprint | None:
 
 def write_fingerprint(prefix: Path, fingerprint: Fingerprint) -> None:
     """Write the fingerprint atomically, then drop the in-progress marker."""
+    from provisioner import fsops
+
     text = json.dumps(fingerprint.to_dict(), indent=2, sort_keys=True) + "\n"
     fsops.atomic_write_text(fingerprint_path(prefix), text)
     in_progress_path(prefix).unlink(missing_ok=True)
@@ -66,6 +68,8 @@ def write_fingerprint(prefix: Path, fingerprint: Fingerprint) -> None:
 
 def mark_in_progress(prefix: Path, detail: str) -> None:
     """Mark ``prefix`` as being built (before the first byte of the env is written)."""
+    from provisioner import fsops
+
     fsops.atomic_write_text(in_progress_path(prefix), detail + "\n")
 
 

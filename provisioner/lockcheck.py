@@ -15,21 +15,13 @@ from pathlib import Path
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
-from provisioner.lockmodel import read_lock_header
+from provisioner.lockmodel import lockfile_path, pip_lock_path, read_lock_header
 from provisioner.platforms import VirtualPackages, virtual_packages_for
 from provisioner.spec import EnvSpec, list_spec_keys, load_spec
 
 HASH_SCHEMA = 1
-
-
-def lockfile_path(locks_dir: Path, key: str) -> Path:
-    """``lockfiles/<key>.conda-lock.yml``."""
-    return locks_dir / f"{key}.conda-lock.yml"
-
-
-def pip_lock_path(locks_dir: Path, key: str, platform: str) -> Path:
-    """``lockfiles/<key>.<platform>.pip.txt``: the hash-pinned pip layer."""
-    return locks_dir / f"{key}.{platform}.pip.txt"
+__all__ = ["CheckResult", "check_key", "check_locks", "content_hash", "lockfile_path",
+           "pip_lock_path", "platform_virtual_packages"]
 
 
 def platform_virtual_packages(spec: EnvSpec, platform: str) -> VirtualPackages:

@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from provisioner.errors import LockfileError
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -94,6 +92,16 @@ def validate_hashes(pkg: LockedPackage, source: str) -> None:
         )
 
 
+def lockfile_path(locks_dir: Path, key: str) -> Path:
+    """``lockfiles/<key>.conda-lock.yml``."""
+    return locks_dir / f"{key}.conda-lock.yml"
+
+
+def pip_lock_path(locks_dir: Path, key: str, platform: str) -> Path:
+    """``lockfiles/<key>.<platform>.pip.txt``: the hash-pinned pip layer."""
+    return locks_dir / f"{key}.{platform}.pip.txt"
+
+
 def read_lock_header(path: Path) -> dict[str, object]:
     """Read only the ``metadata`` block of a v1 lockfile, without parsing its packages.
 
@@ -105,6 +113,8 @@ def read_lock_header(path: Path) -> dict[str, object]:
     except FileNotFoundError:
         raise LockfileError(f"lockfile {path.name} does not exist") from None
     head, _sep, _rest = text.partition("\npackage:")
+    import yaml  # not at module level: the resolve hot path imports this module
+
     try:
         data = yaml.load(head, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:

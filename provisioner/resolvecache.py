@@ -17,6 +17,7 @@ from provisioner.errors import ProvisionerError
 from provisioner.fingerprint import read_fingerprint
 from provisioner.layout import IN_PROGRESS_NAME, HomeLayout, python_path, read_pointer
 from provisioner.legacy import LegacyEnv
+from provisioner.lockmodel import lockfile_path
 from provisioner.probe import Health
 from provisioner.state import StateFile, stat_signature
 
@@ -52,8 +53,6 @@ def cached_lock_hash(config: Config, state: StateFile, key: str, platform: str) 
     The value is :func:`provisioner.planner.locked_hash`, the same identity that
     ``ensure`` writes into a fingerprint, so a ready env compares equal to it.
     """
-    from provisioner.lockcheck import lockfile_path
-
     path = lockfile_path(config.locks_dir, key)
     signature = stat_signature(path)
     if signature is None:
