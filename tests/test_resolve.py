@@ -42,6 +42,8 @@ BNB = "sample-cu121-transformers-bnb"
 CPU = "sample-cpu-transformers"
 HOT_PATH_BUDGET_MS = 5.0
 HEAVY = ("rattler", "conda_lock", "rich")
+# With warm caches a resolution parses no spec, rule or lockfile either.
+WARM_EXTRA = ("yaml", "packaging")
 MIGRATION_LOG = "using healthy old per-model environment (migration fallback)"
 DEGRADED_LOG = "new env creation failed, using old environment in degraded mode"
 
@@ -363,7 +365,7 @@ def _fresh_process(world: World, model: str) -> tuple[str, list[str]]:
         f"r = get_env_for_model({model!r}, project={str(world.project)!r}, "
         f"home={str(world.home)!r})\n"
         "print(r.source)\n"
-        f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])\n"
+        f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY + WARM_EXTRA!r}])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, env=world.env())
