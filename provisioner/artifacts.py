@@ -99,7 +99,7 @@ def _download(url: str, target: Path) -> None:
             shutil.copyfileobj(resp, out, _CHUNK)
         partial.replace(target)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        fsops.remove_file(partial)
         raise BuildError(
             f"could not download {url.rsplit('/', 1)[-1]}: {exc}",
             hint="check the network, or point the channel at a local mirror in provisioner.toml",
@@ -139,7 +139,7 @@ def verify_artifacts(
             if actual != pkg.sha256:
                 memo.forget(path)
                 if downloaded:
-                    path.unlink(missing_ok=True)
+                    fsops.remove_file(path)
                 raise IntegrityError(
                     f"sha256 mismatch for {pkg.name} {pkg.version} ({pkg.file_name}): "
                     f"lock has {pkg.sha256}, archive has {actual}",

@@ -177,7 +177,7 @@ class ExecutableBackend:
             result = procs.run(self.argv(explicit, prefix, final, cache_dir),
                                timeout=EXECUTABLE_TIMEOUT_S, env=env)
         finally:
-            explicit.unlink(missing_ok=True)
+            fsops.remove_file(explicit)
         if not result.ok:
             detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
             raise BuildError(

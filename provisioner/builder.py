@@ -274,7 +274,7 @@ def _check_promoted(layout: HomeLayout, plan: EnsurePlan, imports: tuple[str, ..
     if previous and previous != plan.generation:
         fsops.replace_pointer(layout.pointer(plan.key), previous)
     else:
-        layout.pointer(plan.key).unlink(missing_ok=True)
+        fsops.remove_file(layout.pointer(plan.key))
     with contextlib.suppress(ProvisionerError):
         _discard(layout, plan.prefix)
     raise BuildError(f"{plan.key}: the promoted env does not run from {plan.prefix}: "

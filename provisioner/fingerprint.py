@@ -63,7 +63,7 @@ def write_fingerprint(prefix: Path, fingerprint: Fingerprint) -> None:
 
     text = json.dumps(fingerprint.to_dict(), indent=2, sort_keys=True) + "\n"
     fsops.atomic_write_text(fingerprint_path(prefix), text)
-    in_progress_path(prefix).unlink(missing_ok=True)
+    fsops.remove_file(in_progress_path(prefix))
 
 
 def mark_in_progress(prefix: Path, detail: str) -> None:

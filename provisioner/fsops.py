@@ -122,6 +122,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def remove_file(path: Path) -> None:
+    """Delete one file (or symlink) if it exists; a read-only file is made writable first."""
+    try:
+        os.unlink(_os_path(path))
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        _add_mode(_os_path(path), stat.S_IWRITE)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_os_path(path))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -623,3 +623,12 @@ def test_tree_size_counts_hardlinks_once_and_skips_symlinks(tmp_path: Path) -> N
 def test_free_disk_bytes_for_missing_path(tmp_path: Path) -> None:
     assert free_disk_bytes(tmp_path / "not" / "yet") > 0
     assert fsops.free_disk_bytes(tmp_path) > 0
+
+
+def test_remove_file_removes_read_only_files_and_ignores_missing(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_text("x")
+    target.chmod(0o444)
+    fsops.remove_file(target)
+    assert not target.exists()
+    fsops.remove_file(target)  # already gone: no error
