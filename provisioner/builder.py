@@ -25,7 +25,13 @@ from provisioner.backends import ProgressSink, choose_backend
 from provisioner.config import Config
 from provisioner.envcheck import check_imports, check_records, find_staging_path, site_packages
 from provisioner.errors import BuildError, CudaMismatchError, ProvisionerError
-from provisioner.fingerprint import Fingerprint, mark_in_progress, tool_version, write_fingerprint
+from provisioner.fingerprint import (
+    Fingerprint,
+    mark_in_progress,
+    read_fingerprint,
+    tool_version,
+    write_fingerprint,
+)
 from provisioner.keylock import hold_key_lock
 from provisioner.layout import HomeLayout, python_path
 from provisioner.lockmodel import LockedPackage
@@ -97,6 +103,13 @@ def _result(plan: EnsurePlan, action: str, start: float, backend: str = "", reas
     )
 
 
+def _reused(plan: EnsurePlan, start: float, waited: float = 0.0) -> EnsureResult:
+    fp = read_fingerprint(plan.prefix)
+    backend = f"{fp.backend} {fp.backend_version}" if fp else ""
+    return _result(plan, "reuse", start, fp.backend if fp else "",
+                   f"built with {backend} on {fp.created_at}" if fp else "", waited)
+
+
 def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> EnsureResult:
     """Make sure ``key`` has a ready env matching its lock; build it if needed."""
     opts = options or EnsureOptions()
@@ -105,14 +118,14 @@ def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> En
     if opts.dry_run:
         return _dry_run(config, plan, opts, start)
     if plan.action == "reuse" and plan.active_generation == plan.generation:
-        return _result(plan, "reuse", start)
+        return _reused(plan, start)
     layout = HomeLayout(config.home)
     with hold_key_lock(key, layout.lock_file(key), timeout=opts.lock_timeout) as waited:
         plan = make_plan(config, key)  # another process may have finished while we waited
         if plan.action == "reuse":
             if plan.active_generation != plan.generation:
                 fsops.replace_pointer(layout.pointer(key), plan.generation)
-            return _result(plan, "reuse", start, waited=waited)
+            return _reused(plan, start, waited)
         for stale in plan.stale_staging:
             log.info("removing interrupted build %s", stale.name)
             # A kill right after the staging dir's mkdir leaves it without a marker.
