@@ -215,6 +215,7 @@ def lock_pip_layer(
             "--generate-hashes", "--no-header", "--quiet",
         ]
         argv += index_arguments(settings)
+        argv += ["--find-links", str(_provided_wheels(Path(tmp) / "conda-provided", provided))]
         result = procs.run(argv, timeout=UV_TIMEOUT_S)
     if result.timed_out or result.returncode != 0:
         detail = (result.stderr or result.stdout).strip()
@@ -236,6 +237,21 @@ def lock_pip_layer(
         )
     chosen = [pins[name] for name in sorted(wanted)]
     return render_pip_lock(chosen, key=key, platform=platform)
+
+
+def _provided_wheels(directory: Path, provided: dict[str, str]) -> Path:
+    """Metadata-only wheels standing for what conda installs.
+
+    They let uv resolve a conda-provided dependency where the index has no
+    wheel of that version for the platform, or where there is no index at all;
+    where the index has one, uv may use either, and the conda branch is dropped
+    from the result anyway.
+    """
+    from provisioner.condapkg import build_wheel
+
+    for name, version in provided.items():
+        build_wheel(directory, name, version, files={})
+    return directory
 
 
 def _needed_by_pip_layer(parents: dict[str, set[str]], provided: set[str]) -> set[str]:

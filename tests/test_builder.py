@@ -676,3 +676,65 @@ def test_building_a_lock_older_than_its_spec_warns(
     result = ensure(load_config(copy, home=tmp_path / "home", environ={}), CPU)
     assert result.action == "build"
     assert "spec changed since it was locked" in caplog.text
+
+
+# --------------------------------------------------------------------------- pip layer
+
+
+def _project_with_pip_layer(project: SampleProject, tmp_path: Path) -> Path:
+    """A copy whose CPU spec has a pip: section, locked and installed from local wheels."""
+    from provisioner.condapkg import build_wheel
+    from provisioner.locker import lock_envs
+
+    dest = copy_project(project, tmp_path)
+    build_wheel(dest / "wheels", "tinywheel", "1.0", requires=["numpy"])
+    spec = dest / "environment-specs" / f"{CPU}.yml"
+    text = spec.read_text(encoding="utf-8")
+    text = text.replace("- transformers\nx-provisioner:",
+                        "- transformers\n- pip:\n  - tinywheel==1.0\nx-provisioner:")
+    text = text.replace("  - transformers\n", "  - transformers\n  - tinywheel\n", 1)
+    spec.write_text(text, encoding="utf-8")
+    with (dest / "provisioner.toml").open("a", encoding="utf-8") as fh:
+        fh.write('\n[pip]\nno-index = true\nfind-links = ["wheels"]\n')
+    lock_envs(load_config(dest, environ={}), [CPU])
+    return dest
+
+
+def test_pip_layer_is_installed_with_uv_from_local_wheels(
+    project: SampleProject, tmp_path: Path
+) -> None:
+    dest = _project_with_pip_layer(project, tmp_path)
+    pip_lock = dest / "lockfiles" / f"{CPU}.linux-64.pip.txt"
+    assert "tinywheel==1.0" in pip_lock.read_text(encoding="utf-8")
+    config = config_for(dest, tmp_path)
+    result = ensure(config, CPU)
+    assert result.action == "build"
+    # numpy (required by the wheel) comes from conda; the pip layer installed only tinywheel.
+    assert run_python(result.python, "import tinywheel, numpy; print(tinywheel.__version__)") \
+        == "1.0"
+    site = next(result.prefix.glob("lib/python*/site-packages"))
+    installers = {d.name.split("-")[0]: (d / "INSTALLER").read_text().strip()
+                  for d in site.glob("*.dist-info") if (d / "INSTALLER").is_file()}
+    assert [name for name, by in installers.items() if by == "uv"] == ["tinywheel"]
+    assert find_staging_path(result.prefix, str(HomeLayout(config.home).staging),
+                             trust_hardlinks=False) == []
+
+
+def test_pip_layer_hash_mismatch_fails_the_build_before_promotion(
+    project: SampleProject, tmp_path: Path
+) -> None:
+    from provisioner.errors import PipLayerError
+    from provisioner.lockcheck import pip_lock_path
+
+    dest = _project_with_pip_layer(project, tmp_path)
+    pip_lock = pip_lock_path(dest / "lockfiles", CPU, "linux-64")
+    text = pip_lock.read_text(encoding="utf-8")
+    digest = text.split("--hash=sha256:")[1][:64]
+    pip_lock.write_text(text.replace(digest, "0" * 64), encoding="utf-8")
+    config = config_for(dest, tmp_path)
+    with pytest.raises(PipLayerError, match="could not install the pip layer"):
+        ensure(config, CPU)
+    layout = HomeLayout(config.home)
+    assert not layout.pointer(CPU).exists()
+    assert not layout.key_dir(CPU).exists() or not any(layout.key_dir(CPU).iterdir())
+    assert not any(layout.staging.iterdir())
