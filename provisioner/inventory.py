@@ -1,9 +1,8 @@
-"""What is installed, how healthy it is, running commands in an env, and the host's facts.
+"""What is installed, how healthy it is, and running commands in an env.
 
 * :func:`list_envs`: shared envs (every generation) and legacy per-model venvs;
 * :func:`health`: strict probes of shared envs, or of every legacy venv;
-* :func:`prepare_run` / :func:`run_in_env`: a command with a model's env first on ``PATH``;
-* :func:`doctor`: platform, CUDA driver, backends, disk and paths in one report.
+* :func:`prepare_run` / :func:`run_in_env`: a command with a model's env first on ``PATH``.
 
 Everything returns plain data; the CLI renders it.
 """
@@ -11,13 +10,13 @@ Everything returns plain data; the CLI renders it.
 from __future__ import annotations
 
 import os
-import platform as pyplatform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
-from provisioner import __version__, fsops, procs
+from provisioner import fsops, procs
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.fingerprint import read_fingerprint
@@ -28,13 +27,9 @@ from provisioner.migrate import human_bytes
 from provisioner.probe import Health
 from provisioner.state import StateFile
 
-LONG_PATHS_KEY = r"SYSTEM\CurrentControlSet\Control\FileSystem"
-LONG_PATHS_VALUE = "LongPathsEnabled"
-LOW_DISK_BYTES = 10 * 1024**3
-
 
 def _plain(value: object) -> object:
-    if isinstance(value, _Record):
+    if isinstance(value, PlainRecord):
         return value.to_dict()
     if isinstance(value, Path):
         return str(value)
@@ -43,7 +38,7 @@ def _plain(value: object) -> object:
     return {str(k): _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
-class _Record:
+class PlainRecord:
     """Mixin for the frozen dataclasses below: ``to_dict`` gives JSON-ready plain data."""
 
     def to_dict(self) -> dict[str, object]:
@@ -52,7 +47,7 @@ class _Record:
 
 
 @dataclass(frozen=True)
-class SharedEnvRow(_Record):
+class SharedEnvRow(PlainRecord):
     """One generation of a shared env."""
 
     key: str
@@ -66,7 +61,7 @@ class SharedEnvRow(_Record):
 
 
 @dataclass(frozen=True)
-class LegacyRow(_Record):
+class LegacyRow(PlainRecord):
     """One legacy per-model venv."""
 
     model_id: str
@@ -79,7 +74,7 @@ class LegacyRow(_Record):
 
 
 @dataclass(frozen=True)
-class Inventory(_Record):
+class Inventory(PlainRecord):
     """Every env provisioner knows about."""
 
     home: Path
@@ -214,7 +209,7 @@ def health(config: Config, key: str | None = None, *, legacy: bool = False) -> l
 
 
 @dataclass(frozen=True)
-class RunPlan(_Record):
+class RunPlan(PlainRecord):
     """A command to run in a model's env: its python, environment and argv."""
 
     model_id: str
@@ -257,117 +252,27 @@ def run_in_env(config: Config, model: str, argv: Sequence[str]) -> int:
     return procs.run_passthrough(plan.argv, plan.env)
 
 
-def _winreg_reader(subkey: str, name: str) -> object:
-    if sys.platform != "win32":
-        raise OSError("the Windows registry exists only on Windows")
-    import winreg
-
-    with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, subkey) as handle:
-        value, _kind = winreg.QueryValueEx(handle, name)
-    return value
-
-
-def long_paths_enabled(reader: Callable[[str, str], object] | None = None) -> bool | None:
-    """Whether Windows' ``LongPathsEnabled`` is 1; ``None`` off Windows or when unreadable.
-
-    ``reader(subkey, value_name)`` reads one HKLM value (raising
-    ``FileNotFoundError`` when it is absent); tests pass a fake.
-    """
-    if reader is None:
-        if sys.platform != "win32":
-            return None
-        reader = _winreg_reader
-    try:
-        value = reader(LONG_PATHS_KEY, LONG_PATHS_VALUE)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
-    return isinstance(value, int) and value == 1
-
-
-@dataclass(frozen=True)
-class DoctorReport(_Record):
-    """Facts about this host that decide whether envs can be built and run."""
-
-    platform: str
-    os: str
-    python: str
-    python_executable: str
-    provisioner_version: str
-    cuda_driver: str | None
-    conda_override_cuda: str | None
-    backends: dict[str, dict[str, object]]
-    configured_backend: str | None
-    home: Path
-    home_free_bytes: int | None
-    project: Path
-    legacy_root: Path | None
-    legacy_envs: int
-    long_paths_enabled: bool | None
-    warnings: tuple[str, ...]
-
-
-def _backends() -> dict[str, dict[str, object]]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from provisioner.backends import BACKENDS
-
-    try:
-        found: dict[str, dict[str, object]] = {
-            "rattler": {"available": True, "version": version("py-rattler")}}
-    except PackageNotFoundError:
-        found = {"rattler": {"available": False, "version": None}}
-    for name in (n for n in BACKENDS if n != "rattler"):
-        exe = os.environ.get(f"PROVISIONER_{name.upper()}_EXE") or procs.which(name)
-        found[name] = {"available": exe is not None, "path": exe}
-    return found
-
-
-def doctor(config: Config) -> DoctorReport:
-    """Platform, python, CUDA driver, backends, disk, paths and (on Windows) long paths."""
-    from provisioner.cudacheck import host_cuda_version
-    from provisioner.platforms import host_platform
-
-    warnings = []
-    cuda: str | None = None
-    free: int | None = None
-    try:
-        cuda = host_cuda_version()
-    except Exception as exc:  # rattler's detection is best effort here
-        warnings.append(f"CUDA detection failed: {exc}")
-    if cuda is None:
-        warnings.append("no CUDA driver detected; CUDA envs need CONDA_OVERRIDE_CUDA to build")
-    try:
-        free = fsops.free_disk_bytes(config.home)
-    except OSError as exc:
-        warnings.append(f"cannot measure free disk under {config.home}: {exc}")
-    if free is not None and free < LOW_DISK_BYTES:
-        warnings.append(f"only {human_bytes(free)} free under {config.home}")
-    long_paths = long_paths_enabled()
-    if long_paths is False:
-        warnings.append("Windows LongPathsEnabled is 0; deep conda prefixes may fail")
-    return DoctorReport(
-        host_platform(), pyplatform.platform(), pyplatform.python_version(), sys.executable,
-        __version__, cuda, os.environ.get("CONDA_OVERRIDE_CUDA"), _backends(), config.backend,
-        config.home, free, config.project, config.legacy_root,
-        len(discover_legacy(config.legacy_root, config.legacy_models)), long_paths,
-        tuple(warnings))
-
-
 def _columns(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
 def render_inventory_text(inv: Inventory) -> list[str]:
     """The inventory as aligned plain-text columns."""
     shared = [[r.key, r.generation, "*" if r.active else "", human_bytes(r.size_bytes),
-               r.created_at or "?", ",".join(r.models) or "-"] for r in inv.shared]
+               r.created_at or "?", _when(r.last_used), ",".join(r.models) or "-"]
+              for r in inv.shared]
     legacy = [[r.model_id, r.health + (" (cached)" if r.cached else ""),
                human_bytes(r.size_bytes), r.migration_target or "?"] for r in inv.legacy]
     return [f"shared envs under {inv.home}:",
-            *(_columns([["KEY", "GEN", "ACTIVE", "SIZE", "CREATED", "MODELS"], *shared])
+            *(_columns([["KEY", "GEN", "ACTIVE", "SIZE", "CREATED", "LAST USED", "MODELS"],
+                        *shared])
               if shared else ["  (none)"]),
             f"legacy envs under {inv.legacy_root}:",
             *(_columns([["MODEL", "HEALTH", "SIZE", "TARGET"], *legacy])
@@ -383,17 +288,3 @@ def render_health_text(rows: Sequence[HealthRow]) -> list[str]:
         lines.append(f"{r.health.status:9} {r.kind:7} {r.name}  {r.path or ''}".rstrip())
         lines += [f"  {why}" for why in r.health.reasons]
     return lines
-
-
-def render_doctor_text(report: DoctorReport) -> list[str]:
-    """The doctor report as ``name: value`` lines (sizes in human units)."""
-    lines = []
-    for name, value in report.to_dict().items():
-        if name == "backends" and isinstance(value, dict):
-            value = ", ".join(f"{n} ({'yes' if b['available'] else 'no'})"
-                              for n, b in value.items())
-        elif name == "warnings":
-            continue
-        shown = human_bytes(report.home_free_bytes) if name == "home_free_bytes" else value
-        lines.append(f"{name + ':':21}{'-' if shown is None else shown}")
-    return lines + [f"warning: {w}" for w in report.warnings]

@@ -17,16 +17,18 @@ from test_migrate import make_legacy_venv, site_packages
 from provisioner import procs
 from provisioner.builder import ensure
 from provisioner.config import Config, load_config
-from provisioner.errors import EXIT_CHECK_FAILED, ToolMissingError, UserError
-from provisioner.inventory import (
+from provisioner.doctor import (
     LONG_PATHS_KEY,
     LONG_PATHS_VALUE,
     doctor,
+    long_paths_enabled,
+    render_doctor_text,
+)
+from provisioner.errors import EXIT_CHECK_FAILED, ToolMissingError, UserError
+from provisioner.inventory import (
     health,
     list_envs,
-    long_paths_enabled,
     prepare_run,
-    render_doctor_text,
     render_health_text,
     render_inventory_text,
 )

@@ -141,7 +141,7 @@ def run_cmd(ctx: click.Context, project: Path | None, model: str,
 @click.pass_context
 def doctor_cmd(ctx: click.Context, project: Path | None, as_json: bool) -> None:
     """Report platform, python, CUDA driver, backends, free disk and paths."""
-    from provisioner.inventory import doctor, render_doctor_text
+    from provisioner.doctor import doctor, render_doctor_text
 
     report = doctor(make_config(ctx, project))
     show(as_json, report.to_dict(), render_doctor_text(report))
