@@ -109,7 +109,7 @@ def _legacy_resolution(model_id: str, key: str, env: LegacyEnv, source: str, tra
                        start: float) -> Resolution:
     return Resolution(
         model_id=model_id, env_key=key, python=str(env.python), prefix=str(env.venv),
-        source=source, migration_target=key, attempts=tuple(trail.attempts),
+        source=source, migration_target=key or None, attempts=tuple(trail.attempts),
         seconds=time.monotonic() - start,
     )
 
@@ -126,7 +126,12 @@ def _shared_resolution(model_id: str, key: str, prefix: Path, gen: str, trail: _
 def _resolve(cfg: Config, state: StateFile, model_id: str, build: bool,
              start: float) -> Resolution:
     trail = _Trail()
-    key, provides, imports = cached_key(cfg, state, model_id)
+    try:
+        key, provides, imports = cached_key(cfg, state, model_id)
+    except ProvisionerError as exc:
+        # No env key for this model (no rule, or a broken models.yml): a working old venv
+        # must still serve it.
+        return _legacy_without_key(cfg, state, model_id, exc, trail, start)
     platform = host_platform()
     policy = cfg.legacy_policy
     lock_hash = cached_lock_hash(cfg, state, key, platform)
@@ -199,6 +204,25 @@ def _resolve(cfg: Config, state: StateFile, model_id: str, build: bool,
         + "; ".join(f"{a.step}: {a.outcome} ({a.detail})" for a in trail.attempts),
         hint=build_error.hint if build_error and build_error.hint else _attempts_hint(trail),
     )
+
+
+def _legacy_without_key(cfg: Config, state: StateFile, model_id: str, error: ProvisionerError,
+                        trail: _Trail, start: float) -> Resolution:
+    trail.add("env key", "failed", error.message.splitlines()[0])
+    legacy = None if cfg.legacy_policy == "ignore" else legacy_for_model(
+        cfg.legacy_root, model_id, cfg.legacy_models)
+    if legacy is None:
+        raise error
+    health, _cached = cached_health(cfg, state, legacy, (), ("torch",))
+    if not health.lenient:
+        trail.add("legacy env (lenient)", "failed", f"{legacy.venv} is {health.status}")
+        raise error
+    trail.add("legacy env (lenient)", "used",
+              f"{legacy.venv} imports torch; no key to check it against")
+    log.warning("no shared env serves %s (%s); using old environment in degraded mode",
+                model_id, error.message.splitlines()[0])
+    return _remember(state, _legacy_resolution(model_id, "", legacy, "legacy-degraded",
+                                               trail, start))
 
 
 def _attempts_hint(trail: _Trail) -> str:

@@ -460,3 +460,15 @@ def test_health_ttl_expiry_reprobes(world: World, popen_calls: list[object]) -> 
         res = world.resolve(MISTRAL)
         assert res.source == "legacy" and "(cached)" not in res.attempts[-1].detail
         assert len(popen_calls) == n
+
+
+def test_a_model_without_an_env_key_is_served_by_its_working_old_venv(world: World) -> None:
+    world.legacy("someorg/unlisted-model", HEALTHY)
+    res = world.resolve("someorg/unlisted-model")
+    assert res.source == "legacy-degraded"
+    assert res.env_key == "" and res.migration_target is None
+    assert [a.step for a in res.attempts] == ["env key", "legacy env (lenient)"]
+    assert "no rule in models.yml" in res.attempts[0].detail
+    # ...but only with a working interpreter, and never with policy 'ignore'.
+    with pytest.raises(ResolutionError, match=r"no rule in models\.yml"):
+        world.resolve("someorg/unlisted-model", policy="ignore")
