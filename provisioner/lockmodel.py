@@ -108,11 +108,17 @@ def read_lock_header(path: Path) -> dict[str, object]:
     This is what ``lock --check`` and the resolve hot path need, and it stays
     fast on lockfiles with thousands of entries.
     """
+    metadata, _packages = split_lockfile(path)
+    return metadata
+
+
+def split_lockfile(path: Path) -> tuple[dict[str, object], bytes]:
+    """The parsed ``metadata`` block and the raw bytes of the package section."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise LockfileError(f"lockfile {path.name} does not exist") from None
-    head, _sep, _rest = text.partition("\npackage:")
+    head, _sep, packages = raw.partition(b"\npackage:")
     import yaml  # not at module level: the resolve hot path imports this module
 
     try:
@@ -124,4 +130,4 @@ def read_lock_header(path: Path) -> dict[str, object]:
     if data.get("version") != 1:
         raise LockfileError(f"{path.name}: lockfile version {data.get('version')!r} is not 1")
     metadata: dict[str, object] = data["metadata"]
-    return metadata
+    return metadata, packages

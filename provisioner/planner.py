@@ -21,7 +21,7 @@ from provisioner.fingerprint import in_progress_path, read_fingerprint
 from provisioner.keys import validate_env_key
 from provisioner.layout import HomeLayout, generation_name, python_path, read_pointer
 from provisioner.lockcheck import lockfile_path
-from provisioner.lockmodel import read_lock_header
+from provisioner.lockmodel import split_lockfile
 from provisioner.platforms import host_platform
 
 Action = Literal["reuse", "build", "rebuild", "repair"]
@@ -70,14 +70,13 @@ def locked_hash(config: Config, key: str, platform: str) -> str:
     package section is hashed as bytes, without parsing it, to keep reuse fast.
     """
     path = lockfile_path(config.locks_dir, key)
-    header = read_lock_header(path)
+    header, packages = split_lockfile(path)
     hashes = header.get("content_hash")
     if not isinstance(hashes, dict) or platform not in hashes:
         raise LockfileError(
             f"{path.name} has no lock for this platform ({platform})",
             hint=f"add {platform} to the spec's platforms and run 'provisioner lock {key}'",
         )
-    _head, _sep, packages = path.read_bytes().partition(b"\npackage:")
     digest = hashlib.sha256(f"{platform}\n{hashes[platform]}\n".encode())
     digest.update(packages)
     return digest.hexdigest()
