@@ -1,4 +1,4 @@
-"""Shared fixtures: a sample conda channel built once per test session."""
+"""Shared fixtures: the sample channel (once per session) and a locked sample project."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.config import Config, load_config
 from provisioner.sample import build_sample_channel, channel_url
-from provisioner.sample_project import sample_platforms
+from provisioner.sample_project import create_sample_project, sample_platforms
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,17 @@ def sample_channel_url(sample_channel: Path) -> str:
 def host_python_xy() -> str:
     """``X.Y`` of the interpreter running the tests (the sample channel's python)."""
     return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@pytest.fixture(scope="module")
+def shared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One locked sample project per test module. Copy it before changing it."""
+    return create_sample_project(tmp_path_factory.mktemp("shared") / "sp").path
+
+
+@pytest.fixture
+def config(shared_project: Path, tmp_path: Path) -> Config:
+    """The shared project with a fresh home and a fresh, empty legacy root."""
+    (tmp_path / "legacy").mkdir()
+    return load_config(shared_project, home=tmp_path / "home", environ={}).with_overrides(
+        legacy_root=tmp_path / "legacy")

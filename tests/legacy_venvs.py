@@ -144,3 +144,29 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return state not in ("Z", "X")
+
+
+#: Stub packages of a migratable legacy venv (healthy for the sample's bnb key).
+MIGRATABLE_STUBS = {
+    "torch/__init__.py": "from torch import cuda, version\n\n__version__ = '2.2.1'\n",
+    "torch/version.py": "__version__ = '2.2.1'\ncuda = '12.1'\n",
+    "torch/cuda/__init__.py": "def is_available() -> bool:\n    return True\n",
+    "transformers/__init__.py": "__version__ = '4.38.2'\n",
+    "accelerate/__init__.py": "__version__ = '0.27.0'\n",
+    "bitsandbytes/__init__.py": "__version__ = '0.43.1'\n",
+    "bitsandbytes/cextension.py": "COMPILED_WITH_CUDA = True\n",
+}
+
+
+def make_migratable_venv(root: Path, model_id: str) -> Path:
+    """A real venv (``python -m venv --without-pip``) at ``local_<id>/.venv`` with stub packages.
+
+    Returns the ``local_<id>`` directory.
+    """
+    directory = root / f"local_{model_id.replace('/', '--')}"
+    venv = directory / ".venv"
+    site = site_packages(create_venv(venv))
+    for rel, text in MIGRATABLE_STUBS.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text, encoding="utf-8")
+    return directory

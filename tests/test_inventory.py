@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_migrate import make_legacy_venv, site_packages
+from legacy_venvs import make_migratable_venv, site_packages
 
 from provisioner import procs
 from provisioner.builder import ensure
-from provisioner.config import Config, load_config
+from provisioner.config import Config
 from provisioner.doctor import (
     LONG_PATHS_KEY,
     LONG_PATHS_VALUE,
@@ -34,7 +34,6 @@ from provisioner.inventory import (
 )
 from provisioner.migrate import human_bytes
 from provisioner.resolve import get_env_for_model
-from provisioner.sample_project import create_sample_project
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
 
@@ -44,23 +43,9 @@ LLAMA = "meta-llama/Llama-2-7b-hf"
 GPT2 = "gpt2"
 
 
-@pytest.fixture(scope="module")
-def shared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One locked sample project per module."""
-    return create_sample_project(tmp_path_factory.mktemp("inventory") / "sp").path
-
-
 @pytest.fixture(autouse=True)
 def _cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "12.1")
-
-
-@pytest.fixture
-def config(shared_project: Path, tmp_path: Path) -> Config:
-    """The shared project with a fresh home and a fresh legacy root."""
-    (tmp_path / "legacy").mkdir()
-    return load_config(shared_project, home=tmp_path / "home", environ={}).with_overrides(
-        legacy_root=tmp_path / "legacy")
 
 
 def legacy_root(config: Config) -> Path:
@@ -72,8 +57,8 @@ def legacy_root(config: Config) -> Path:
 
 
 def test_list_shows_shared_and_legacy_envs(config: Config) -> None:
-    make_legacy_venv(legacy_root(config), LLAMA)
-    make_legacy_venv(legacy_root(config), GPT2)
+    make_migratable_venv(legacy_root(config), LLAMA)
+    make_migratable_venv(legacy_root(config), GPT2)
     built = ensure(config, BNB)
     assert get_env_for_model(LLAMA, config=config).source == "shared"
     inv = list_envs(config)
@@ -91,7 +76,7 @@ def test_list_shows_shared_and_legacy_envs(config: Config) -> None:
 
 
 def test_list_uses_cached_health_and_can_skip_probes(config: Config) -> None:
-    make_legacy_venv(legacy_root(config), GPT2)
+    make_migratable_venv(legacy_root(config), GPT2)
     (row,) = list_envs(config, probe=False).legacy
     assert row.health == "unknown" and not row.cached
     (row,) = list_envs(config).legacy
@@ -121,8 +106,8 @@ def test_health_of_a_key(config: Config) -> None:
 
 def test_health_of_legacy_envs(config: Config) -> None:
     assert health(config, legacy=True) == []
-    make_legacy_venv(legacy_root(config), LLAMA)
-    gpt2 = make_legacy_venv(legacy_root(config), GPT2)
+    make_migratable_venv(legacy_root(config), LLAMA)
+    gpt2 = make_migratable_venv(legacy_root(config), GPT2)
     rows = {r.name: r for r in health(config, legacy=True)}
     assert rows[LLAMA].healthy and rows[LLAMA].key == BNB and rows[GPT2].healthy
     (site,) = (gpt2 / ".venv").glob("lib/python*/site-packages")
@@ -150,7 +135,7 @@ def test_prepare_run_puts_the_env_first_on_path(config: Config) -> None:
 
 
 def test_prepare_run_for_a_legacy_env(config: Config) -> None:
-    gpt2 = make_legacy_venv(legacy_root(config), GPT2)
+    gpt2 = make_migratable_venv(legacy_root(config), GPT2)
     plan = prepare_run(config, GPT2, ["python"])
     assert plan.source == "legacy" and plan.path_prepend == (str(gpt2 / ".venv" / "bin"),)
     assert plan.env["VIRTUAL_ENV"] == str(gpt2 / ".venv")
@@ -168,7 +153,7 @@ def test_run_passthrough_exit_codes() -> None:
 
 
 def test_doctor_reports_the_host(config: Config) -> None:
-    make_legacy_venv(legacy_root(config), GPT2)
+    make_migratable_venv(legacy_root(config), GPT2)
     report = doctor(config)
     data = report.to_dict()
     assert data["conda_override_cuda"] == "12.1" and data["cuda_driver"] == "12.1"
@@ -217,7 +202,7 @@ def run_cli(config: Config, *args: str, project_first: bool = False
 
 
 def test_cli_list_json(config: Config) -> None:
-    make_legacy_venv(legacy_root(config), LLAMA)
+    make_migratable_venv(legacy_root(config), LLAMA)
     ensure(config, CPU)
     result = run_cli(config, "list", "--json")
     assert result.returncode == 0, result.stderr
@@ -237,7 +222,7 @@ def test_cli_health_exit_codes(config: Config) -> None:
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert data["ok"] is True and [e["name"] for e in data["envs"]] == [CPU]
-    gpt2 = make_legacy_venv(legacy_root(config), GPT2)
+    gpt2 = make_migratable_venv(legacy_root(config), GPT2)
     assert run_cli(config, "health", "--legacy").returncode == 0
     (site,) = (gpt2 / ".venv").glob("lib/python*/site-packages")
     shutil.rmtree(site / "torch")

@@ -20,19 +20,12 @@ from provisioner.errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR
 from provisioner.layout import HomeLayout, read_pointer
 from provisioner.locker import lock_envs
 from provisioner.maintenance import collect_garbage, verify_env
-from provisioner.sample_project import create_sample_project
 from provisioner.spec import spec_path
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
 
 CPU = "sample-cpu-transformers"
 BNB = "sample-cu121-transformers-bnb"
-
-
-@pytest.fixture(scope="module")
-def shared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One locked sample project per module; tests that relock work on a copy."""
-    return create_sample_project(tmp_path_factory.mktemp("maint") / "sp").path
 
 
 @pytest.fixture(autouse=True)

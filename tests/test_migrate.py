@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from legacy_venvs import make_migratable_venv, site_packages
 
 from provisioner.builder import ensure
-from provisioner.config import Config, load_config
+from provisioner.config import Config
 from provisioner.errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR, UserError
 from provisioner.layout import HomeLayout
 from provisioner.migrate import _delete_legacy, migrate, plan_migration, shared_state
 from provisioner.resolve import get_env_for_model
-from provisioner.sample_project import create_sample_project
 from provisioner.state import StateFile
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
@@ -26,56 +26,9 @@ BNB = "sample-cu121-transformers-bnb"
 CPU = "sample-cpu-transformers"
 LLAMA = "meta-llama/Llama-2-7b-hf"
 GPT2 = "gpt2"
-STUBS = {
-    "torch/__init__.py": "from torch import cuda, version\n\n__version__ = '2.2.1'\n",
-    "torch/version.py": "__version__ = '2.2.1'\ncuda = '12.1'\n",
-    "torch/cuda/__init__.py": "def is_available() -> bool:\n    return True\n",
-    "transformers/__init__.py": "__version__ = '4.38.2'\n",
-    "accelerate/__init__.py": "__version__ = '0.27.0'\n",
-    "bitsandbytes/__init__.py": "__version__ = '0.43.1'\n",
-    "bitsandbytes/cextension.py": "COMPILED_WITH_CUDA = True\n",
-}
-
-
-def make_legacy_venv(root: Path, model_id: str) -> Path:
-    """A real venv (``python -m venv --without-pip``) at ``local_<id>/.venv`` with stub packages.
-
-    Returns the ``local_<id>`` directory.
-    """
-    directory = root / f"local_{model_id.replace('/', '--')}"
-    venv = directory / ".venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   capture_output=True)
-    (site,) = venv.glob("lib/python*/site-packages")
-    for rel, text in STUBS.items():
-        (site / rel).parent.mkdir(parents=True, exist_ok=True)
-        (site / rel).write_text(text, encoding="utf-8")
-    return directory
-
-
-def site_packages(prefix: Path) -> Path:
-    """The site-packages of a built sample env."""
-    (site,) = prefix.glob("lib/python*/site-packages")
-    return site
-
-
-@pytest.fixture(scope="module")
-def shared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One locked sample project per module."""
-    return create_sample_project(tmp_path_factory.mktemp("migrate") / "sp").path
-
-
 @pytest.fixture(autouse=True)
 def _cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "12.1")
-
-
-@pytest.fixture
-def config(shared_project: Path, tmp_path: Path) -> Config:
-    """The shared project with a fresh home and a fresh legacy root."""
-    (tmp_path / "legacy").mkdir()
-    return load_config(shared_project, home=tmp_path / "home", environ={}).with_overrides(
-        legacy_root=tmp_path / "legacy")
 
 
 def legacy_root(config: Config) -> Path:
@@ -88,7 +41,7 @@ def migrations(config: Config) -> dict[str, object]:
 
 
 def test_dry_run_plans_and_changes_nothing(config: Config) -> None:
-    llama = make_legacy_venv(legacy_root(config), LLAMA)
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
     report = migrate(config, model=LLAMA, dry_run=True, delete_legacy=True)
     assert report.dry_run and report.results == ()
     (item,) = report.plan.items
@@ -100,8 +53,8 @@ def test_dry_run_plans_and_changes_nothing(config: Config) -> None:
 
 
 def test_migrate_with_delete(config: Config) -> None:
-    llama = make_legacy_venv(legacy_root(config), LLAMA)
-    gpt2 = make_legacy_venv(legacy_root(config), GPT2)
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
+    gpt2 = make_migratable_venv(legacy_root(config), GPT2)
     (planned,) = plan_migration(config, model=LLAMA).items
     report = migrate(config, model=LLAMA, delete_legacy=True)
     (result,) = report.results
@@ -119,7 +72,7 @@ def test_migrate_with_delete(config: Config) -> None:
 
 
 def test_migrate_without_delete_keeps_the_legacy_dir(config: Config) -> None:
-    llama = make_legacy_venv(legacy_root(config), LLAMA)
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
     report = migrate(config, all_=True)
     (result,) = report.results
     assert result.status == "migrated" and not result.deleted and result.bytes_reclaimed == 0
@@ -129,7 +82,7 @@ def test_migrate_without_delete_keeps_the_legacy_dir(config: Config) -> None:
 
 
 def test_unhealthy_shared_env_keeps_the_legacy_env(config: Config) -> None:
-    llama = make_legacy_venv(legacy_root(config), LLAMA)
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
     built = ensure(config, BNB)
     shutil.rmtree(site_packages(built.prefix) / "torch")
     assert plan_migration(config, model=LLAMA).items[0].shared_state == "ready"
@@ -142,8 +95,8 @@ def test_unhealthy_shared_env_keeps_the_legacy_env(config: Config) -> None:
 
 
 def test_model_without_rule_is_kept(config: Config) -> None:
-    odd = make_legacy_venv(legacy_root(config), "someone/unknown-model")
-    make_legacy_venv(legacy_root(config), GPT2)
+    odd = make_migratable_venv(legacy_root(config), "someone/unknown-model")
+    make_migratable_venv(legacy_root(config), GPT2)
     report = migrate(config, all_=True, delete_legacy=True)
     by_model = {r.model_id: r for r in report.results}
     assert by_model[GPT2].status == "migrated" and by_model[GPT2].key == CPU
@@ -185,7 +138,7 @@ def run_cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_migrate_json(config: Config) -> None:
-    llama = make_legacy_venv(legacy_root(config), LLAMA)
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
     dry = run_cli(config, "migrate", "--all", "--dry-run", "--delete-legacy", "--json")
     assert dry.returncode == 0, dry.stderr
     data = json.loads(dry.stdout)
@@ -201,7 +154,7 @@ def test_cli_migrate_json(config: Config) -> None:
 
 
 def test_cli_migrate_kept_exits_1(config: Config) -> None:
-    make_legacy_venv(legacy_root(config), LLAMA)
+    make_migratable_venv(legacy_root(config), LLAMA)
     shutil.rmtree(site_packages(ensure(config, BNB).prefix) / "bitsandbytes")
     kept = run_cli(config, "migrate", "--model", LLAMA, "--json")
     assert kept.returncode == EXIT_CHECK_FAILED, kept.stderr
