@@ -37,6 +37,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.propagate = False
 
 
+#: ``--json``: every command can print its result as JSON instead of text.
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
 def project_options(func: F) -> F:
     """Options every project-level command shares."""
     func = click.option(

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from provisioner.cli.base import cli, emit_json, make_config, project_options
+from provisioner.cli.base import cli, emit_json, json_option, make_config, project_options
 from provisioner.errors import EXIT_CHECK_FAILED
 
 
@@ -43,7 +43,7 @@ class _RichProgress:
               help="Give up after S seconds waiting for another build of KEY.")
 @click.option("--allow-cuda-mismatch", is_flag=True,
               help="Build even if the host CUDA driver is older than the lock needs.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def ensure_cmd(
     ctx: click.Context, key: str, project: Path | None, dry_run: bool, backend: str | None,
@@ -76,7 +76,7 @@ def ensure_cmd(
 @click.argument("key")
 @project_options
 @click.option("--deep", is_flag=True, help="Also hash every file against its recorded sha256.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def verify_cmd(
     ctx: click.Context, key: str, project: Path | None, deep: bool, as_json: bool
@@ -101,7 +101,7 @@ def verify_cmd(
 @cli.command("gc")
 @project_options
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, as_json: bool) -> None:
     """Remove interrupted builds, the trash and generations older than the previous one."""

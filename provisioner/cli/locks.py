@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from provisioner.cli.base import cli, emit_json, make_config, project_options
+from provisioner.cli.base import cli, emit_json, json_option, make_config, project_options
 from provisioner.errors import EXIT_CHECK_FAILED
 
 
@@ -21,7 +21,7 @@ from provisioner.errors import EXIT_CHECK_FAILED
               help="Directory whose <name> subdirs mirror each named channel.")
 @click.option("--skip-pip", is_flag=True,
               help="Keep the existing pip-layer locks instead of re-resolving them (offline).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def lock_cmd(
     ctx: click.Context, keys: tuple[str, ...], project: Path | None, check: bool,
@@ -72,7 +72,7 @@ def lock_cmd(
 @click.argument("target")
 @project_options
 @click.option("--platform", default=None, help="Only this platform.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def show_lock_cmd(
     ctx: click.Context, target: str, project: Path | None, platform: str | None, as_json: bool
@@ -91,7 +91,7 @@ def show_lock_cmd(
 
 @cli.command("sample")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def sample_cmd(dest: Path, as_json: bool) -> None:
     """Write a ready, offline sample project (local channel, specs, locks) into DEST."""
     from provisioner.sample_project import create_sample_project
@@ -113,7 +113,7 @@ def sample_cmd(dest: Path, as_json: bool) -> None:
               help="Compare the project's lockfiles at git revision REV with the working tree; "
                    "arguments are then KEYS (default: every lock).")
 @click.option("--markdown", is_flag=True, help="Markdown for a pull-request body.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def diff_cmd(ctx: click.Context, args: tuple[str, ...], project: Path | None, rev: str | None,
              markdown: bool, as_json: bool) -> None:

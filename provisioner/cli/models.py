@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from provisioner.cli.base import cli, emit_json, make_config, project_options, show
+from provisioner.cli.base import cli, emit_json, json_option, make_config, project_options, show
 from provisioner.errors import EXIT_CHECK_FAILED
 
 
@@ -16,7 +16,7 @@ from provisioner.errors import EXIT_CHECK_FAILED
 @click.option("--policy", type=click.Choice(["prefer", "fallback", "ignore"]), default=None,
               help="How legacy per-model venvs are used (default: config, else prefer).")
 @click.option("--no-build", is_flag=True, help="Never build; fail if nothing is ready.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def resolve_cmd(ctx: click.Context, model: str, project: Path | None, policy: str | None,
                 no_build: bool, as_json: bool) -> None:
@@ -34,7 +34,7 @@ def resolve_cmd(ctx: click.Context, model: str, project: Path | None, policy: st
 @cli.command("demo")
 @click.option("--home", "demo_home", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Empty directory for the demo (default: a new temp dir).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
     """Play the four model-load scenarios offline, with a sample channel and an old venv."""
     from provisioner.demo import run_demo
@@ -73,7 +73,7 @@ def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--delete-legacy", is_flag=True,
               help="Delete each legacy local_<id> dir once its shared env is healthy.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def migrate_cmd(ctx: click.Context, project: Path | None, model: str | None, all_: bool,
                 dry_run: bool, delete_legacy: bool, as_json: bool) -> None:
@@ -92,7 +92,7 @@ def migrate_cmd(ctx: click.Context, project: Path | None, model: str | None, all
 @cli.command("list")
 @project_options
 @click.option("--no-probe", is_flag=True, help="Only cached legacy health; never probe.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def list_cmd(ctx: click.Context, project: Path | None, no_probe: bool, as_json: bool) -> None:
     """List shared envs (every generation) and legacy venvs, with sizes and health."""
@@ -106,7 +106,7 @@ def list_cmd(ctx: click.Context, project: Path | None, no_probe: bool, as_json: 
 @click.argument("key", required=False)
 @project_options
 @click.option("--legacy", is_flag=True, help="Probe every legacy venv instead.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def health_cmd(ctx: click.Context, key: str | None, project: Path | None, legacy: bool,
                as_json: bool) -> None:
@@ -137,7 +137,7 @@ def run_cmd(ctx: click.Context, project: Path | None, model: str,
 
 @cli.command("doctor")
 @project_options
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def doctor_cmd(ctx: click.Context, project: Path | None, as_json: bool) -> None:
     """Report platform, python, CUDA driver, backends, free disk and paths."""
