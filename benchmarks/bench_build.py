@@ -42,11 +42,11 @@ from typing import Any
 
 import yaml
 
-from provisioner import fsops, procs
+from provisioner import fsops, processes
+from provisioner.build.layout import HomeLayout
 from provisioner.config import CONFIG_FILE_NAME, SPECS_DIR_NAME, Config, load_config
-from provisioner.layout import HomeLayout
-from provisioner.platforms import host_platform
-from provisioner.sample import (
+from provisioner.lock.platforms import host_platform
+from provisioner.sample.stack import (
     build_sample_channel,
     build_synthetic_channel,
 )
@@ -85,7 +85,7 @@ def make_project(
     root: Path, n_packages: int, n_files: int, file_size: int = 200
 ) -> tuple[Path, dict[str, int]]:
     """Channel, two specs and their locks under ``root``; return (project, counts)."""
-    from provisioner.locker import lock_envs
+    from provisioner.lock.write import lock_envs
 
     platform = host_platform()
     project = root / "project"
@@ -112,11 +112,11 @@ def config_for(project: Path, home: Path) -> Config:
 
 def bare_records(config: Config, key: str, scratch: Path) -> list[Any]:
     """The rattler records ``ensure`` installs, built the way the builder builds them."""
-    from provisioner.artifacts import verify_artifacts
-    from provisioner.channels import resolve_channels
-    from provisioner.condalock_adapter import read_lockfile
-    from provisioner.lockcheck import lockfile_path
-    from provisioner.solver import locked_to_record
+    from provisioner.build.artifacts import verify_artifacts
+    from provisioner.lock.channels import resolve_channels
+    from provisioner.lock.check import lockfile_path
+    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.solve import locked_to_record
 
     lock = read_lockfile(lockfile_path(config.locks_dir, key))
     packages = lock.for_platform(host_platform(), "conda")
@@ -134,7 +134,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def ensure_key(config: Config, key: str) -> Any:
-    from provisioner.builder import ensure
+    from provisioner.build.ensure import ensure
 
     return ensure(config, key)
 
@@ -158,7 +158,7 @@ def drop(path: Path) -> None:
 
 
 def cp_al(src: Path, dst: Path) -> None:
-    result = procs.run(["cp", "-al", str(src), str(dst)], timeout=600)
+    result = processes.run(["cp", "-al", str(src), str(dst)], timeout=600)
     if not result.ok:
         raise RuntimeError(f"cp -al failed: {result.stderr.strip()}")
 
@@ -203,20 +203,20 @@ def added_breakdown(prefix: Path, before: set[tuple[int, int]], new_pkgs: tuple[
 
 
 _PHASES = [  # (module, attribute, label); class methods as "Class.method"
-    ("provisioner.builder", "make_plan", "make_plan (x2: before and under the key lock)"),
-    ("provisioner.condalock_adapter", "read_lockfile", "read_lockfile (conda-lock parser)"),
-    ("provisioner.spec", "load_spec", "load_spec"),
-    ("provisioner.cudacheck", "required_cuda", "required_cuda (summarize_lock)"),
-    ("provisioner.cudacheck", "host_cuda_version", "host_cuda_version (virtual pkgs)"),
-    ("provisioner.artifacts", "verify_artifacts", "verify_artifacts (sha256 memo)"),
-    ("provisioner.backends", "RattlerBackend.install", "rattler.install (backend)"),
-    ("provisioner.backends", "RattlerBackend.version", "backend.version (metadata)"),
-    ("provisioner.builder", "check_records", "check_records (conda-meta)"),
-    ("provisioner.builder", "find_staging_path", "find_staging_path (read every file)"),
-    ("provisioner.builder", "check_imports", "check_imports (staged; subprocess)"),
-    ("provisioner.builder", "write_fingerprint", "write_fingerprint"),
-    ("provisioner.builder", "_promote", "_promote (rename)"),
-    ("provisioner.builder", "_check_promoted", "_check_promoted (python -c subprocess)"),
+    ("provisioner.build.ensure", "make_plan", "make_plan (x2: before and under the key lock)"),
+    ("provisioner.lock.conda_lock_io", "read_lockfile", "read_lockfile (conda-lock parser)"),
+    ("provisioner.lock.spec", "load_spec", "load_spec"),
+    ("provisioner.build.cuda", "required_cuda", "required_cuda (summarize_lock)"),
+    ("provisioner.build.cuda", "host_cuda_version", "host_cuda_version (virtual pkgs)"),
+    ("provisioner.build.artifacts", "verify_artifacts", "verify_artifacts (sha256 memo)"),
+    ("provisioner.build.backends", "RattlerBackend.install", "rattler.install (backend)"),
+    ("provisioner.build.backends", "RattlerBackend.version", "backend.version (metadata)"),
+    ("provisioner.build.ensure", "check_records", "check_records (conda-meta)"),
+    ("provisioner.build.ensure", "find_staging_path", "find_staging_path (read every file)"),
+    ("provisioner.build.ensure", "check_imports", "check_imports (staged; subprocess)"),
+    ("provisioner.build.ensure", "write_fingerprint", "write_fingerprint"),
+    ("provisioner.build.ensure", "_promote", "_promote (rename)"),
+    ("provisioner.build.ensure", "_check_promoted", "_check_promoted (python -c subprocess)"),
 ]
 
 

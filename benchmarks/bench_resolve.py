@@ -41,9 +41,9 @@ def main() -> None:
     os.environ.setdefault("CONDA_OVERRIDE_CUDA", "12.1")
 
     from provisioner.config import load_config
-    from provisioner.resolve import get_env_for_model
-    from provisioner.sample_legacy import make_legacy_venv
-    from provisioner.sample_project import create_sample_project
+    from provisioner.models.resolve import get_env_for_model
+    from provisioner.sample.legacy_venvs import make_legacy_venv
+    from provisioner.sample.project import create_sample_project
 
     root = Path(tempfile.mkdtemp(prefix="provisioner-bench-resolve-"))
     project = root / "project"

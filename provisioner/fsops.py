@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import ntpath
 import os
 import secrets
 import shutil
@@ -21,9 +20,19 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePath, PureWindowsPath
+from pathlib import Path
 
 from provisioner.errors import BuildError
+from provisioner.paths import (
+    free_disk_bytes,
+    is_junction,
+    is_real_dir,
+    os_path,
+    to_extended_path,
+    tree_size,
+)
+
+__all__ = ["free_disk_bytes", "to_extended_path", "tree_size"]  # re-exported for callers
 
 MARKER_NAME = ".provisioner-owned"
 RENAME_RETRY_BUDGET_S = 25.0
@@ -36,41 +45,6 @@ _IS_WINDOWS = sys.platform == "win32"
 
 class UnsafeDeleteError(BuildError):
     """A deletion was refused because the target is not provably provisioner's."""
-
-
-def to_extended_path(path: str | PurePath, *, windows: bool | None = None) -> str:
-    """Return ``path`` in Windows extended-length form (``\\\\?\\C:\\...``).
-
-    On POSIX (``windows`` false, or unset on a non-Windows host) the path comes
-    back unchanged. Otherwise it is normalised (``.``/``..`` collapsed, ``/``
-    turned into ``\\``) and prefixed: ``\\\\?\\C:\\...`` for drive paths,
-    ``\\\\?\\UNC\\server\\share\\...`` for UNC paths. Paths already in device
-    form (``\\\\?\\`` or ``\\\\.\\``) are left alone. A relative path is made
-    absolute on a real Windows host and left unprefixed elsewhere, since the
-    prefix is only valid on fully qualified paths.
-    """
-    text = os.fspath(path)
-    if windows is None:
-        windows = _IS_WINDOWS
-    if not windows:
-        return text
-    if text.startswith(("\\\\?\\", "\\\\.\\")):
-        return text
-    normed = ntpath.normpath(text)
-    pure = PureWindowsPath(normed)
-    if not (pure.drive and pure.root) and _IS_WINDOWS:
-        normed = ntpath.abspath(normed)
-        pure = PureWindowsPath(normed)
-    if not (pure.drive and pure.root):
-        return normed
-    if pure.drive.startswith("\\\\"):
-        return "\\\\?\\UNC\\" + normed[2:]
-    return "\\\\?\\" + normed
-
-
-def _os_path(path: str | PurePath) -> str:
-    """The string to hand to the OS: extended-length on Windows, as is elsewhere."""
-    return to_extended_path(path) if _IS_WINDOWS else os.fspath(path)
 
 
 def fsync_dir(path: Path) -> None:
@@ -103,7 +77,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp = _temp_sibling(path, "tmp")
         try:
             # 0o666 so that the process umask decides the mode, as for a plain open().
-            fd = os.open(_os_path(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(os_path(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
         break
@@ -117,7 +91,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         rename_with_retry(tmp, path, rename=os.replace)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(_os_path(tmp))
+            os.unlink(os_path(tmp))
         raise
     fsync_dir(path.parent)
 
@@ -125,13 +99,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def remove_file(path: Path) -> None:
     """Delete one file (or symlink) if it exists; a read-only file is made writable first."""
     try:
-        os.unlink(_os_path(path))
+        os.unlink(os_path(path))
     except FileNotFoundError:
         return
     except PermissionError:
-        _add_mode(_os_path(path), stat.S_IWRITE)
+        _add_mode(os_path(path), stat.S_IWRITE)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(_os_path(path))
+            os.unlink(os_path(path))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -193,21 +167,16 @@ def remove_unmarked_stub(directory: Path) -> bool:
         st = os.lstat(directory)
     except FileNotFoundError:
         return False
-    if not stat.S_ISDIR(st.st_mode) or _is_junction(st) or has_marker(directory):
+    if not stat.S_ISDIR(st.st_mode) or is_junction(st) or has_marker(directory):
         return False
     leftover = f".{MARKER_NAME}.tmp-"
-    entries = _list_dir(_os_path(directory))
+    entries = _list_dir(os_path(directory))
     if not all(e.name.startswith(leftover) and e.is_file(follow_symlinks=False) for e in entries):
         return False
     for entry in entries:
         os.unlink(entry.path)
-    os.rmdir(_os_path(directory))
+    os.rmdir(os_path(directory))
     return True
-
-
-def _is_junction(st: os.stat_result) -> bool:
-    tag = getattr(st, "st_reparse_tag", 0)
-    return bool(tag) and tag == getattr(stat, "IO_REPARSE_TAG_MOUNT_POINT", -1)
 
 
 def _add_mode(path: str, bits: int) -> None:
@@ -243,12 +212,6 @@ def _list_dir(path: str, *, repair: bool = False) -> list[os.DirEntry[str]]:
             return list(it)
 
 
-def _is_real_dir(entry: os.DirEntry[str]) -> bool:
-    if not entry.is_dir(follow_symlinks=False):
-        return False
-    return not (_IS_WINDOWS and _is_junction(entry.stat(follow_symlinks=False)))
-
-
 def _remove_tree(top: str) -> None:
     # Iterative post-order walk: no recursion limit, never follows links or junctions.
     top_dev = os.lstat(top).st_dev
@@ -260,7 +223,7 @@ def _remove_tree(top: str) -> None:
             continue
         stack.append((directory, parent, True))
         for entry in _list_dir(directory, repair=True):
-            if _is_real_dir(entry):
+            if is_real_dir(entry):
                 # Like rm --one-file-system: a mount inside the tree is someone else's data.
                 if not _IS_WINDOWS and entry.stat(follow_symlinks=False).st_dev != top_dev:
                     raise UnsafeDeleteError(
@@ -300,7 +263,7 @@ def safe_rmtree(path: Path, *, require_marker: bool = True) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if stat.S_ISLNK(st.st_mode) or _is_junction(st):
+    if stat.S_ISLNK(st.st_mode) or is_junction(st):
         raise UnsafeDeleteError(
             f"refusing to delete {path}: it is a link, not a directory",
             hint="remove the link itself if that is what you meant",
@@ -315,7 +278,7 @@ def safe_rmtree(path: Path, *, require_marker: bool = True) -> None:
             f"refusing to delete {path}: it has no {MARKER_NAME} marker",
             hint="provisioner only deletes directories it created; remove it by hand if unwanted",
         )
-    _remove_tree(_os_path(path))
+    _remove_tree(os_path(path))
 
 
 def rename_with_retry(
@@ -340,7 +303,7 @@ def rename_with_retry(
         is_windows = _IS_WINDOWS
     sleep = time.sleep if sleep is None else sleep
     rename = os.rename if rename is None else rename
-    src_s, dst_s = _os_path(src), _os_path(dst)
+    src_s, dst_s = os_path(src), os_path(dst)
     delay, slept = _FIRST_DELAY_S, 0.0
     while True:
         try:
@@ -371,7 +334,7 @@ def _copy_walk(src: str, dst: str) -> None:
             if entry.is_symlink():
                 link = os.readlink(entry.path)
                 os.symlink(link, target, target_is_directory=_IS_WINDOWS and entry.is_dir())
-            elif _is_real_dir(entry):
+            elif is_real_dir(entry):
                 pending.append((entry.path, target))
             elif entry.is_file(follow_symlinks=False):
                 shutil.copy2(entry.path, target, follow_symlinks=False)
@@ -397,7 +360,7 @@ def copy_tree_into(src: Path, dst: Path) -> None:
         raise BuildError(f"cannot copy {src}: it is not a directory")
     tmp = _temp_sibling(dst, "copy")
     try:
-        _copy_walk(_os_path(src), _os_path(tmp))
+        _copy_walk(os_path(src), os_path(tmp))
         if os.path.lexists(dst):
             raise BuildError(f"cannot copy into {dst}: it appeared while copying")
         rename_with_retry(tmp, dst)
@@ -409,44 +372,3 @@ def copy_tree_into(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def tree_size(path: Path) -> int:
-    """Bytes held by the regular files under ``path``.
-
-    Symlinks are not followed, and a file hard-linked several times inside the
-    tree is counted once. A missing ``path`` has size 0.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_size if stat.S_ISREG(st.st_mode) else 0
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    pending = [_os_path(path)]
-    while pending:
-        for entry in _list_dir(pending.pop()):
-            if _is_real_dir(entry):
-                pending.append(entry.path)
-                continue
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if st.st_nlink == 0:
-                # Windows' DirEntry.stat leaves st_nlink/st_ino at zero; lstat fills them.
-                st = os.lstat(entry.path)
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            total += st.st_size
-    return total
-
-
-def free_disk_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
-    probe = Path(os.path.abspath(path))
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    return shutil.disk_usage(_os_path(probe)).free

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from provisioner.config import Config, load_config
-from provisioner.sample import build_sample_channel, channel_url
-from provisioner.sample_project import create_sample_project, sample_platforms
+from provisioner.sample.project import create_sample_project, sample_platforms
+from provisioner.sample.stack import build_sample_channel, channel_url
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provisioner.legacy import LEGACY_DIR_PREFIX, VENV_DIR, env_id_for_model
+from provisioner.models.legacy import LEGACY_DIR_PREFIX, VENV_DIR, env_id_for_model
 
 #: What the sample's cu121 keys provide, at versions that satisfy them.
 HEALTHY = {"torch": "2.2.1", "cuda": "12.1", "transformers": "4.38.0", "accelerate": "0.27.0"}

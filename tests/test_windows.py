@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import fsops
-from provisioner.legacy import LEGACY_DIR_PREFIX, VENV_DIR, discover_legacy, legacy_for_model
+from provisioner.models.legacy import LEGACY_DIR_PREFIX, VENV_DIR, discover_legacy, legacy_for_model
 
 pytestmark = [
     pytest.mark.windows_only,

@@ -9,7 +9,7 @@ modules import the library lazily, inside each command, so that
 
 from __future__ import annotations
 
-from provisioner.cli import envs, locks, models  # noqa: F401  (registers the commands)
+from provisioner.cli import build, lock, models, sample  # noqa: F401  (registers the commands)
 from provisioner.cli.base import cli, main
 
 __all__ = ["cli", "main"]

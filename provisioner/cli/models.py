@@ -1,4 +1,4 @@
-"""Commands on models: resolve, migrate, list, health, run, doctor, demo."""
+"""Commands of the models domain: resolve, migrate, list, health, run, doctor."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from provisioner.errors import EXIT_CHECK_FAILED
 def resolve_cmd(ctx: click.Context, model: str, project: Path | None, policy: str | None,
                 no_build: bool, as_json: bool) -> None:
     """Print the python that should run MODEL (building its shared env if needed)."""
-    from provisioner.resolve import get_env_for_model
+    from provisioner.models.resolve import get_env_for_model
 
     result = get_env_for_model(model, config=make_config(ctx, project), policy=policy,
                                build=not no_build)
@@ -29,41 +29,6 @@ def resolve_cmd(ctx: click.Context, model: str, project: Path | None, policy: st
         emit_json(result.to_dict())
     else:
         click.echo(result.python)
-
-
-@cli.command("demo")
-@click.option("--home", "demo_home", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Empty directory for the demo (default: a new temp dir).")
-@json_option
-def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
-    """Play the four model-load scenarios offline, with a sample channel and an old venv."""
-    from provisioner.demo import run_demo
-
-    report = run_demo(demo_home)
-    if as_json:
-        emit_json(report.to_dict())
-        return
-    click.echo("")
-    for i, scenario in enumerate(report.scenarios, 1):
-        res = scenario.resolution
-        click.echo(f"({i}) {scenario.title}: {res.model_id} -> {res.source} [{res.env_key}]")
-        click.echo(f"    python {res.python}")
-        for attempt in res.attempts:
-            click.echo(f"    - {attempt.step}: {attempt.outcome} ({attempt.detail})")
-    click.echo("")
-    click.echo(f"build of a new shared env:        {report.build_seconds:.2f} s")
-    click.echo(f"second model, same key (first):   {report.reuse_ms:.1f} ms")
-    click.echo(f"second model, same key (repeat):  {report.repeat_ms:.1f} ms")
-    click.echo(f"shared env on disk:               {report.env_bytes / 1024:.1f} KiB, of which "
-               f"{report.hardlinked_bytes / 1024:.1f} KiB hardlinked from the package cache")
-    click.echo(f"demo files are in {report.root}")
-    if report.inventory is not None:
-        from provisioner.inventory import render_inventory_text
-
-        click.echo("")
-        click.echo("provisioner list:")
-        for line in render_inventory_text(report.inventory):
-            click.echo(line)
 
 
 @cli.command("migrate")
@@ -78,7 +43,7 @@ def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
 def migrate_cmd(ctx: click.Context, project: Path | None, model: str | None, all_: bool,
                 dry_run: bool, delete_legacy: bool, as_json: bool) -> None:
     """Move legacy per-model venvs onto verified shared envs; exit 1 if any is kept."""
-    from provisioner.migrate import migrate, render_report_text
+    from provisioner.models.migrate import migrate, render_report_text
 
     if (model is None) == (not all_):
         raise click.UsageError("pass exactly one of --model MODEL or --all")
@@ -96,7 +61,7 @@ def migrate_cmd(ctx: click.Context, project: Path | None, model: str | None, all
 @click.pass_context
 def list_cmd(ctx: click.Context, project: Path | None, no_probe: bool, as_json: bool) -> None:
     """List shared envs (every generation) and legacy venvs, with sizes and health."""
-    from provisioner.inventory import list_envs, render_inventory_text
+    from provisioner.models.inventory import list_envs, render_inventory_text
 
     inventory = list_envs(make_config(ctx, project), probe=not no_probe)
     show(as_json, inventory.to_dict(), render_inventory_text(inventory))
@@ -111,7 +76,7 @@ def list_cmd(ctx: click.Context, project: Path | None, no_probe: bool, as_json: 
 def health_cmd(ctx: click.Context, key: str | None, project: Path | None, legacy: bool,
                as_json: bool) -> None:
     """Probe KEY's env strictly (default: every built key); exit 1 if any is unhealthy."""
-    from provisioner.inventory import health, render_health_text
+    from provisioner.models.inventory import health, render_health_text
 
     rows = health(make_config(ctx, project), key, legacy=legacy)
     ok = all(r.healthy for r in rows)
@@ -129,7 +94,7 @@ def health_cmd(ctx: click.Context, key: str | None, project: Path | None, legacy
 def run_cmd(ctx: click.Context, project: Path | None, model: str,
             command: tuple[str, ...]) -> None:
     """Run COMMAND with MODEL's env first on PATH: run [--project P] MODEL -- CMD [ARGS]."""
-    from provisioner.inventory import run_in_env
+    from provisioner.models.inventory import run_in_env
 
     argv = command[1:] if command[:1] == ("--",) else command
     ctx.exit(run_in_env(make_config(ctx, project), model, argv))
@@ -141,7 +106,7 @@ def run_cmd(ctx: click.Context, project: Path | None, model: str,
 @click.pass_context
 def doctor_cmd(ctx: click.Context, project: Path | None, as_json: bool) -> None:
     """Report platform, python, CUDA driver, backends, free disk and paths."""
-    from provisioner.doctor import doctor, render_doctor_text
+    from provisioner.models.doctor import doctor, render_doctor_text
 
     report = doctor(make_config(ctx, project))
     show(as_json, report.to_dict(), render_doctor_text(report))

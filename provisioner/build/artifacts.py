@@ -1,0 +1,169 @@
+"""Package archives, verified against the lock's sha256 before anything is installed.
+
+rattler does not check the hash of packages read from ``file://`` channels, so
+provisioner verifies every archive itself: local mirror files in place, remote
+ones after downloading them into ``<cache>/downloads`` (a download that fails
+verification is deleted, never kept as valid). Hashes of unchanged files are
+remembered by (size, mtime) so that warm builds do not re-hash gigabytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioner import fsops
+from provisioner.lock.channels import (
+    ChannelSource,
+    file_url_to_path,
+    path_to_file_url,
+    resolve_channels,
+    source_for_url,
+)
+from provisioner.config import Config
+from provisioner.errors import BuildError, IntegrityError, LockfileError
+from provisioner.lock.lockfile import LockData, LockedPackage
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """A locked package and the local archive that matches its sha256."""
+
+    package: LockedPackage
+    path: Path
+
+    @property
+    def url(self) -> str:
+        return path_to_file_url(self.path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _HashMemo:
+    """(path, size, mtime_ns) -> sha256, persisted as JSON in the cache."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dirty = False
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.entries: dict[str, list[object]] = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        key = str(file)
+        entry = self.entries.get(key)
+        if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            return str(entry[2])
+        digest = sha256_file(file)
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+        return digest
+
+    def forget(self, file: Path) -> None:
+        if self.entries.pop(str(file), None) is not None:
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fsops.atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True))
+
+
+def _download(url: str, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
+            partial.open("wb") as out,
+        ):
+            shutil.copyfileobj(resp, out, _CHUNK)
+        partial.replace(target)
+    except OSError as exc:
+        fsops.remove_file(partial)
+        raise BuildError(
+            f"could not download {url.rsplit('/', 1)[-1]}: {exc}",
+            hint="check the network, or point the channel at a local mirror in provisioner.toml",
+        ) from None
+
+
+def verify_artifacts(
+    packages: Sequence[LockedPackage], sources: list[ChannelSource], cache_dir: Path
+) -> list[VerifiedArtifact]:
+    """Locate (or download) and verify every package; raise on the first mismatch."""
+    memo = _HashMemo(cache_dir / "verified-sha256.json")
+    downloads = cache_dir / "downloads"
+    result = []
+    try:
+        for pkg in packages:
+            if not pkg.sha256:
+                raise LockfileError(
+                    f"{pkg.name} {pkg.version} has no sha256 in the lock; provisioner "
+                    "builds only fully hash-pinned locks",
+                    hint="regenerate the lock with 'provisioner lock'",
+                )
+            url = source_for_url(pkg.url, sources)
+            downloaded = not url.startswith("file://")
+            if downloaded:
+                path = downloads / pkg.file_name
+                if not path.is_file():
+                    log.info("downloading %s", pkg.file_name)
+                    _download(url, path)
+            else:
+                path = file_url_to_path(url)
+                if not path.is_file():
+                    raise BuildError(
+                        f"{pkg.file_name} is missing from the channel mirror ({path.parent})",
+                        hint="check [channels] in provisioner.toml",
+                    )
+            actual = memo.sha256(path)
+            if actual != pkg.sha256:
+                memo.forget(path)
+                if downloaded:
+                    fsops.remove_file(path)
+                raise IntegrityError(
+                    f"sha256 mismatch for {pkg.name} {pkg.version} ({pkg.file_name}): "
+                    f"lock has {pkg.sha256}, archive has {actual}",
+                    hint="the archive or the lock was altered; relock, or fix the mirror",
+                )
+            result.append(VerifiedArtifact(pkg, path))
+    finally:
+        memo.save()
+    return result
+
+
+def locate_sizes(
+    config: Config, lock: LockData, packages: Sequence[LockedPackage]
+) -> dict[str, object]:
+    """Archive sizes, where the channel is a local mirror (for ``ensure --dry-run``)."""
+    sources = resolve_channels(lock.channels, config)
+    total = 0
+    known = 0
+    for pkg in packages:
+        url = source_for_url(pkg.url, sources)
+        if url.startswith("file://"):
+            path = file_url_to_path(url)
+            if path.is_file():
+                total += path.stat().st_size
+                known += 1
+    return {"archive_bytes": total if known == len(packages) else None,
+            "archives_known": known}

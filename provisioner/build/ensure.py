@@ -1,0 +1,294 @@
+"""``ensure``: execute an :class:`~provisioner.build.plan.EnsurePlan` safely.
+
+Build into ``.staging/``, verify, write the fingerprint last, promote with one
+rename (or a copy into a sibling temp dir, then a rename), switch the pointer
+atomically, and check the promoted env. The key's file lock is held from the
+re-plan to the pointer switch; a second arrival finds a ready env and reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from provisioner import fsops
+from provisioner.build.backends import ProgressSink, choose_backend
+from provisioner.config import Config
+from provisioner.build.env_checks import check_imports, check_records, find_staging_path, site_packages
+from provisioner.errors import BuildError, CudaMismatchError, ProvisionerError
+from provisioner.build.fingerprint import (
+    Fingerprint,
+    mark_in_progress,
+    read_fingerprint,
+    tool_version,
+    write_fingerprint,
+)
+from provisioner.build.key_lock import hold_key_lock
+from provisioner.build.layout import HomeLayout, python_path
+from provisioner.lock.lockfile import LockedPackage
+from provisioner.build.plan import EnsurePlan, make_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnsureOptions:
+    """How to ensure an env."""
+
+    dry_run: bool = False
+    backend: str | None = None
+    lock_timeout: float | None = None
+    allow_cuda_mismatch: bool = False
+    progress: ProgressSink | None = None
+
+
+@dataclass(frozen=True)
+class EnsureResult:
+    """What ``ensure`` did."""
+
+    plan: EnsurePlan
+    action: str
+    prefix: Path
+    python: Path
+    generation: str
+    backend: str
+    backend_reason: str
+    seconds: float
+    waited_seconds: float = 0.0
+    dry_run: bool = False
+    cuda: dict[str, object] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "key": self.plan.key,
+            "action": self.action,
+            "reason": self.plan.reason,
+            "prefix": str(self.prefix),
+            "python": str(self.python),
+            "generation": self.generation,
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
+            "seconds": round(self.seconds, 4),
+            "waited_seconds": round(self.waited_seconds, 4),
+            "dry_run": self.dry_run,
+            "cuda": self.cuda,
+            "plan": self.plan.to_dict(),
+        }
+
+
+def fault_point(name: str) -> None:
+    """Test hook: die (SIGKILL) or pause at named points of a build."""
+    if os.environ.get("PROVISIONER_TEST_FAULT") == name:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+    delay = os.environ.get("PROVISIONER_TEST_STEP_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
+def _result(plan: EnsurePlan, action: str, start: float, backend: str = "", reason: str = "",
+            waited: float = 0.0, cuda: dict[str, object] | None = None) -> EnsureResult:
+    return EnsureResult(
+        plan=plan, action=action, prefix=plan.prefix, python=plan.python,
+        generation=plan.generation, backend=backend, backend_reason=reason,
+        seconds=time.monotonic() - start, waited_seconds=waited, cuda=cuda,
+    )
+
+
+def _reused(plan: EnsurePlan, start: float, waited: float = 0.0) -> EnsureResult:
+    fp = read_fingerprint(plan.prefix)
+    backend = f"{fp.backend} {fp.backend_version}" if fp else ""
+    return _result(plan, "reuse", start, fp.backend if fp else "",
+                   f"built with {backend} on {fp.created_at}" if fp else "", waited)
+
+
+def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> EnsureResult:
+    """Make sure ``key`` has a ready env matching its lock; build it if needed."""
+    opts = options or EnsureOptions()
+    start = time.monotonic()
+    plan = make_plan(config, key)
+    if opts.dry_run:
+        return _dry_run(config, plan, opts, start)
+    if plan.action == "reuse" and plan.active_generation == plan.generation:
+        return _reused(plan, start)
+    layout = HomeLayout(config.home)
+    with hold_key_lock(key, layout.lock_file(key), timeout=opts.lock_timeout) as waited:
+        plan = make_plan(config, key)  # another process may have finished while we waited
+        if plan.action == "reuse":
+            if plan.active_generation != plan.generation:
+                fsops.replace_pointer(layout.pointer(key), plan.generation)
+            return _reused(plan, start, waited)
+        for stale in plan.stale_staging:
+            log.info("removing interrupted build %s", stale.name)
+            # A kill right after the staging dir's mkdir leaves it without a marker.
+            if not fsops.remove_unmarked_stub(stale):
+                fsops.safe_rmtree(stale)
+        if plan.prefix.exists():
+            _discard(layout, plan.prefix)
+        return _build(config, layout, plan, opts, start, waited)
+
+
+def _discard(layout: HomeLayout, path: Path) -> None:
+    """Move ``path`` into the trash (a rename), then delete it."""
+    layout.trash.mkdir(parents=True, exist_ok=True)
+    trashed = layout.trash / f"{path.parent.name}.{path.name}.{secrets.token_hex(4)}"
+    fsops.rename_with_retry(path, trashed)
+    fsops.safe_rmtree(trashed, require_marker=False)
+
+
+def _dry_run(config: Config, plan: EnsurePlan, opts: EnsureOptions, start: float) -> EnsureResult:
+    from provisioner.build.artifacts import locate_sizes
+    from provisioner.lock.conda_lock_io import read_lockfile
+
+    choice = choose_backend(opts.backend, config.backend, plan.platform)
+    details: dict[str, object] = {}
+    if plan.action != "reuse":
+        lock = read_lockfile(plan.lockfile)
+        packages = lock.for_platform(plan.platform, "conda")
+        details = {"packages_to_link": len(packages), **locate_sizes(config, lock, packages)}
+    plan = replace(plan, details=details)
+    return replace(
+        _result(plan, plan.action, start, choice.backend.name, choice.reason), dry_run=True
+    )
+
+
+def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOptions,
+           start: float, waited: float) -> EnsureResult:
+    from provisioner.build.artifacts import verify_artifacts
+    from provisioner.lock.channels import resolve_channels
+    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.build.cuda import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
+    from provisioner.lock.check import check_key, platform_virtual_packages
+    from provisioner.lock.spec import load_spec
+
+    log.info("%s %s: %s", plan.action, plan.key, plan.reason)
+    spec = load_spec(config.specs_dir, plan.key)
+    freshness = check_key(config, plan.key)
+    if not freshness.ok:
+        # The lock is what gets built; a spec edited since is only a warning here.
+        log.warning("%s: the spec changed since it was locked; building the lock as it is "
+                    "(run 'provisioner lock %s' to pick up the change)", plan.key, plan.key)
+    lock = read_lockfile(plan.lockfile)
+    packages = lock.for_platform(plan.platform, "conda")
+    choice = choose_backend(opts.backend, config.backend, plan.platform)
+    backend = choice.backend
+    log.info("backend %s (%s)", backend.name, choice.reason)
+
+    cuda = compare_cuda(required_cuda(lock, plan.platform), host_cuda_version())
+    if not cuda.ok:
+        if not opts.allow_cuda_mismatch:
+            raise CudaMismatchError(f"{plan.key}: {cuda.message}", hint=mismatch_hint())
+        log.warning("building %s despite a CUDA mismatch: %s", plan.key, cuda.message)
+
+    sources = resolve_channels(lock.channels or spec.channels, config)
+    artifacts = verify_artifacts(packages, sources, layout.package_cache)
+    final = plan.prefix
+    stage_name = f"{layout.staging_prefix(plan.key)}{plan.generation}.{secrets.token_hex(3)}"
+    target = final if backend.builds_in_place else layout.staging / stage_name
+    target.mkdir(parents=True)
+    fsops.write_marker(target, "env")
+    mark_in_progress(target, f"building {plan.key} generation {plan.generation} pid {os.getpid()}")
+    fault_point("after-mark")
+    try:
+        backend.install(artifacts, target=target, final=final,
+                        cache_dir=layout.package_cache, progress=opts.progress)
+        fault_point("after-install")
+        python_pkg = next((p for p in packages if p.name == "python"), None)
+        py_version = python_pkg.version if python_pkg else "3"
+        site = site_packages(target, py_version, plan.platform)
+        if spec.pip:
+            vps = platform_virtual_packages(spec, plan.platform)
+            _install_pip(config, plan, site, py_version, vps)
+        fault_point("after-pip")
+        _verify_stage(target, final, packages, spec.imports, site, plan)
+        fault_point("before-fingerprint")
+        write_fingerprint(target, Fingerprint(
+            key=plan.key, platform=plan.platform, lock_hash=plan.lock_hash,
+            generation=plan.generation, backend=backend.name,
+            backend_version=backend.version(), tool_version=tool_version(),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            cuda_mismatch_allowed=not cuda.ok,
+        ))
+        fault_point("before-promote")
+        if target != final:
+            _promote(config, target, final)
+    except BaseException:
+        if target != final or not final.exists():
+            fsops.safe_rmtree(target)
+        else:
+            _discard(layout, final)
+        raise
+    fault_point("before-pointer")
+    previous = plan.active_generation
+    fsops.replace_pointer(layout.pointer(plan.key), plan.generation)
+    _check_promoted(layout, plan, spec.imports, previous)
+    log.info("%s is ready at %s", plan.key, final)
+    return _result(plan, plan.action, start, backend.name, choice.reason, waited, cuda.to_dict())
+
+
+def _install_pip(config: Config, plan: EnsurePlan, site: Path, py_version: str,
+                 vps: dict[str, tuple[str, str]]) -> None:
+    from provisioner.lock.check import pip_lock_path
+    from provisioner.lock.pip_layer import install_pip_layer
+
+    pip_lock = pip_lock_path(config.locks_dir, plan.key, plan.platform)
+    if not pip_lock.is_file():
+        raise BuildError(f"{plan.key}: the spec has a pip: section but {pip_lock.name} is missing",
+                         hint=f"run 'provisioner lock {plan.key}'")
+    site.mkdir(parents=True, exist_ok=True)
+    count = install_pip_layer(pip_lock=pip_lock, site_packages=site, python_version=py_version,
+                              platform=plan.platform, virtual_packages=vps, settings=config.pip)
+    log.info("installed %d pip wheel(s) with uv", count)
+
+
+def _verify_stage(target: Path, final: Path, packages: Sequence[LockedPackage],
+                  imports: tuple[str, ...], site: Path, plan: EnsurePlan) -> None:
+    records = check_records(target, packages)
+    if not records.ok:
+        raise BuildError(f"{plan.key}: installed env does not match the lock: "
+                         + "; ".join(records.problems[:5]))
+    if target != final:
+        leaked = find_staging_path(target, str(target))
+        if leaked:
+            raise BuildError(f"{plan.key}: {len(leaked)} file(s) still name the staging path, "
+                             f"e.g. {leaked[0]}", hint="the package may not be relocatable")
+    report = check_imports(python_path(target, plan.platform), imports, extra_path=site)
+    if not report.ok:
+        raise BuildError(f"{plan.key}: " + "; ".join(report.problems))
+
+
+def _promote(config: Config, target: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not config.force_copy:
+        try:
+            fsops.rename_with_retry(target, final)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            log.info("staging and envs are on different filesystems; promoting by copy")
+    fsops.copy_tree_into(target, final)
+    fsops.safe_rmtree(target)
+
+
+def _check_promoted(layout: HomeLayout, plan: EnsurePlan, imports: tuple[str, ...],
+                    previous: str | None) -> None:
+    report = check_imports(plan.python, imports or ("sys",))
+    if report.ok:
+        return
+    if previous and previous != plan.generation:
+        fsops.replace_pointer(layout.pointer(plan.key), previous)
+    else:
+        fsops.remove_file(layout.pointer(plan.key))
+    with contextlib.suppress(ProvisionerError):
+        _discard(layout, plan.prefix)
+    raise BuildError(f"{plan.key}: the promoted env does not run from {plan.prefix}: "
+                     + "; ".join(report.problems))

@@ -1,0 +1,182 @@
+"""Checks of a built env: records, files, imports and relocation. They return data.
+
+* :func:`check_records`: every locked package is in ``conda-meta/`` with the locked sha256.
+* :func:`check_files`: every recorded file exists (quick) and, with ``deep``, has
+  the recorded sha256 (``sha256_in_prefix`` for files patched at install, as
+  ``conda doctor`` does).
+* :func:`check_imports`: the env's python imports the spec's modules.
+* :func:`find_staging_path`: no file (``.pyc`` aside) still names the staging path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provisioner import processes
+from provisioner.lock.lockfile import LockedPackage
+from provisioner.lock.platforms import is_windows_platform
+
+IMPORT_TIMEOUT_S = 300.0
+_IMPORT_PROBE = (
+    "import importlib, json, sys\n"
+    "out = {}\n"
+    "for name in sys.argv[1:]:\n"
+    "    try:\n"
+    "        mod = importlib.import_module(name)\n"
+    "        out[name] = {'ok': True, 'version': str(getattr(mod, '__version__', ''))}\n"
+    "    except BaseException as exc:\n"
+    "        out[name] = {'ok': False, 'error': type(exc).__name__ + ': ' + str(exc)}\n"
+    "print(json.dumps(out))\n"
+)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Problems found by a check; empty means healthy."""
+
+    problems: tuple[str, ...] = ()
+    checked: int = 0
+    details: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def site_packages(prefix: Path, python_version: str, platform: str) -> Path:
+    """The site-packages dir of a conda prefix."""
+    if is_windows_platform(platform):
+        return prefix / "Lib" / "site-packages"
+    xy = ".".join(python_version.split(".")[:2])
+    return prefix / "lib" / f"python{xy}" / "site-packages"
+
+
+def _records(prefix: Path) -> dict[str, dict[str, object]]:
+    meta = prefix / "conda-meta"
+    result: dict[str, dict[str, object]] = {}
+    if not meta.is_dir():
+        return result
+    for path in meta.glob("*.json"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            result[data["name"]] = data
+    return result
+
+
+def check_records(prefix: Path, packages: Sequence[LockedPackage]) -> CheckReport:
+    """Every locked conda package is installed, with the locked version and sha256."""
+    records = _records(prefix)
+    problems = []
+    for pkg in packages:
+        rec = records.get(pkg.name)
+        if rec is None:
+            problems.append(f"{pkg.name} {pkg.version} is not installed")
+        elif str(rec.get("version")) != pkg.version or rec.get("sha256") != pkg.sha256:
+            problems.append(
+                f"{pkg.name}: installed {rec.get('version')} sha256 {rec.get('sha256')}, "
+                f"lock has {pkg.version} sha256 {pkg.sha256}"
+            )
+    return CheckReport(tuple(problems), len(packages))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_files(prefix: Path, *, deep: bool = False) -> CheckReport:
+    """Recorded files exist (and with ``deep``, match their recorded sha256)."""
+    missing: list[str] = []
+    altered: list[str] = []
+    count = 0
+    for name, rec in sorted(_records(prefix).items()):
+        paths = rec.get("paths_data")
+        entries = paths.get("paths", []) if isinstance(paths, dict) else []
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("_path"), str):
+                continue
+            count += 1
+            path = prefix / entry["_path"]
+            if not os.path.lexists(path):
+                missing.append(f"{name}: {entry['_path']}")
+                continue
+            if not deep or entry.get("path_type") == "softlink" or path.is_symlink():
+                continue
+            expected = entry.get("sha256_in_prefix") or entry.get("sha256")
+            if isinstance(expected, str) and _file_sha256(path) != expected:
+                altered.append(f"{name}: {entry['_path']}")
+    problems = [f"missing file {m}" for m in missing] + [f"altered file {a}" for a in altered]
+    return CheckReport(
+        tuple(problems), count, {"missing": missing, "altered": altered, "deep": deep}
+    )
+
+
+def check_imports(
+    python: Path, imports: Sequence[str], *, extra_path: Path | None = None
+) -> CheckReport:
+    """Import each module in the env's python (a fresh process) and report failures."""
+    if not imports:
+        return CheckReport()
+    if not python.exists():
+        return CheckReport((f"interpreter {python} does not exist",))
+    env = dict(os.environ)
+    env.pop("PYTHONHOME", None)
+    if extra_path is not None:
+        # A staged env's launcher may already name the final prefix; point it at the stage.
+        env["PYTHONPATH"] = str(extra_path)
+    else:
+        env.pop("PYTHONPATH", None)
+    result = processes.run(
+        [str(python), "-c", _IMPORT_PROBE, *imports], timeout=IMPORT_TIMEOUT_S, env=env
+    )
+    if not result.ok:
+        why = "timed out" if result.timed_out else (result.stderr.strip() or "failed")
+        return CheckReport((f"import probe failed: {why.splitlines()[-1]}",), len(imports))
+    try:
+        data = json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return CheckReport(("import probe printed no JSON",), len(imports))
+    problems = tuple(
+        f"import {name}: {info.get('error')}" for name, info in data.items() if not info.get("ok")
+    )
+    return CheckReport(problems, len(imports), {"imports": data})
+
+
+def find_staging_path(prefix: Path, staging: str, *, trust_hardlinks: bool = True) -> list[str]:
+    """Files under ``prefix`` (``.pyc`` aside) whose bytes contain ``staging``.
+
+    With ``trust_hardlinks``, files whose inode is shared (``st_nlink > 1``) are
+    skipped: they are the package cache's bytes, hardlinked unmodified, and the
+    cache never names a staging dir. Only files written for this env (patched
+    placeholders, generated scripts, records, copies) are read, so the check
+    does not grow with the size of a multi-GB env.
+    """
+    needle = staging.encode()
+    hits = []
+    for root, _dirs, files in os.walk(prefix):
+        for name in files:
+            if name.endswith(".pyc"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode) or (trust_hardlinks and st.st_nlink > 1):
+                    continue
+                with open(path, "rb") as fh:
+                    if needle in fh.read():
+                        hits.append(os.path.relpath(path, prefix))
+            except OSError:
+                continue
+    return sorted(hits)

@@ -1,0 +1,95 @@
+"""Where everything lives under provisioner's home.
+
+::
+
+    <home>/
+      envs/<key>/<gen>/        immutable generations (gen = short hash of the lock)
+      envs/<key>/current       atomically written pointer: the active generation's name
+      .staging/<key>.<gen>.<n>/  builds in progress (same filesystem as envs/)
+      .trash/                  directories on their way out
+      pkgs/                    shared package cache (rattler hardlinks from here)
+      locks/<key>.lock         one OS file lock per key, outside every env
+      state.json               models -> last resolution (written atomically)
+
+Staging, trash and envs share one filesystem so that promotion is a rename.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioner.keys import validate_env_key
+from provisioner.lock.platforms import host_platform, is_windows_platform
+
+FINGERPRINT_NAME = ".provisioner-fingerprint.json"
+IN_PROGRESS_NAME = ".provisioner-in-progress"
+POINTER_NAME = "current"
+GENERATION_LENGTH = 12
+
+
+@dataclass(frozen=True)
+class HomeLayout:
+    """Paths under one provisioner home."""
+
+    home: Path
+
+    @property
+    def envs(self) -> Path:
+        return self.home / "envs"
+
+    @property
+    def staging(self) -> Path:
+        return self.home / ".staging"
+
+    @property
+    def trash(self) -> Path:
+        return self.home / ".trash"
+
+    @property
+    def package_cache(self) -> Path:
+        return self.home / "pkgs"
+
+    @property
+    def locks(self) -> Path:
+        return self.home / "locks"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "state.json"
+
+    def key_dir(self, key: str) -> Path:
+        return self.envs / validate_env_key(key)
+
+    def generation_dir(self, key: str, generation: str) -> Path:
+        return self.key_dir(key) / generation
+
+    def pointer(self, key: str) -> Path:
+        return self.key_dir(key) / POINTER_NAME
+
+    def lock_file(self, key: str) -> Path:
+        return self.locks / f"{validate_env_key(key)}.lock"
+
+    def staging_prefix(self, key: str) -> str:
+        """Staging dirs of ``key`` start with this (checked when cleaning up)."""
+        return f"{validate_env_key(key)}."
+
+
+def generation_name(lock_hash: str) -> str:
+    """Short, stable name of the generation built from a lock's content hash."""
+    return lock_hash[:GENERATION_LENGTH]
+
+
+def python_path(prefix: Path, platform: str | None = None) -> Path:
+    """The interpreter of a conda prefix (``python.exe`` at the root on Windows)."""
+    plat = platform or host_platform()
+    return prefix / "python.exe" if is_windows_platform(plat) else prefix / "bin" / "python"
+
+
+def read_pointer(layout: HomeLayout, key: str) -> str | None:
+    """The active generation of ``key``, or ``None``."""
+    try:
+        value = layout.pointer(key).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return value or None

@@ -1,0 +1,120 @@
+"""Commands of the build domain: ensure, verify, gc."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from provisioner.cli.base import cli, emit_json, json_option, make_config, project_options
+from provisioner.errors import EXIT_CHECK_FAILED
+
+
+class _RichProgress:
+    """A rich progress bar for installs; only used on a terminal."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import Progress
+
+        self._progress = Progress(transient=True)
+        self._label = label
+        self._task: Any = None
+
+    def start(self, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(self._label, total=total)
+
+    def advance(self) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task)
+
+    def finish(self) -> None:
+        self._progress.stop()
+
+
+@cli.command("ensure")
+@click.argument("key")
+@project_options
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--backend", default=None, help="rattler (default), micromamba, mamba or conda.")
+@click.option("--lock-timeout", type=float, default=None, metavar="S",
+              help="Give up after S seconds waiting for another build of KEY.")
+@click.option("--allow-cuda-mismatch", is_flag=True,
+              help="Build even if the host CUDA driver is older than the lock needs.")
+@json_option
+@click.pass_context
+def ensure_cmd(
+    ctx: click.Context, key: str, project: Path | None, dry_run: bool, backend: str | None,
+    lock_timeout: float | None, allow_cuda_mismatch: bool, as_json: bool,
+) -> None:
+    """Build KEY's env from its lock (or reuse it) and print its python."""
+    from provisioner.build.ensure import EnsureOptions, ensure
+
+    config = make_config(ctx, project)
+    progress = None if as_json or dry_run or not sys.stderr.isatty() else _RichProgress(key)
+    result = ensure(config, key, EnsureOptions(
+        dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
+        allow_cuda_mismatch=allow_cuda_mismatch, progress=progress,
+    ))
+    if as_json:
+        emit_json(result.to_dict())
+    elif dry_run:
+        plan = result.plan.to_dict()
+        click.echo(f"plan for {key}: {result.action} ({result.plan.reason})")
+        for field in ("generation", "prefix", "python", "lockfile", "packages_to_link",
+                      "archive_bytes", "stale_staging"):
+            if field in plan:
+                click.echo(f"  {field:17} {plan[field]}")
+        click.echo(f"  {'backend':17} {result.backend} ({result.backend_reason})")
+    else:
+        click.echo(str(result.python))
+
+
+@cli.command("verify")
+@click.argument("key")
+@project_options
+@click.option("--deep", is_flag=True, help="Also hash every file against its recorded sha256.")
+@json_option
+@click.pass_context
+def verify_cmd(
+    ctx: click.Context, key: str, project: Path | None, deep: bool, as_json: bool
+) -> None:
+    """Check KEY's active env against its lock; exit 1 if anything is wrong."""
+    from provisioner.build.maintenance import verify_env
+
+    report = verify_env(make_config(ctx, project), key, deep=deep)
+    if as_json:
+        emit_json(report.to_dict())
+    elif report.ok:
+        click.echo(f"ok      {key} {report.generation} ({report.packages_checked} packages, "
+                   f"{report.files_checked} files{', deep' if deep else ''})")
+    else:
+        click.echo(f"FAILED  {key} {report.generation or ''}".rstrip())
+        for problem in report.problems:
+            click.echo(f"  {problem}")
+    if not report.ok:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+@cli.command("gc")
+@project_options
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@json_option
+@click.pass_context
+def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Remove interrupted builds, the trash and generations older than the previous one."""
+    from provisioner.build.maintenance import collect_garbage
+
+    report = collect_garbage(make_config(ctx, project), dry_run=dry_run)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in report.removed:
+        click.echo(f"{verb} {item.kind:10} {item.path} ({item.bytes} bytes)")
+    for skip in report.skipped:
+        click.echo(f"skipped {skip.path}: {skip.reason}")
+    freed = "would free" if dry_run else "freed"
+    click.echo(f"{freed} {report.bytes_freed} bytes in {len(report.removed)} path(s)")

@@ -1,0 +1,309 @@
+"""The pip layer: ``pip:`` requirements locked with uv on top of a conda solve.
+
+The trap (see the project's domain notes): PyPI's bitsandbytes requires
+``torch``, and PyPI's torch pulls ``nvidia-*`` wheels and ``triton``. A naive
+resolve installs a second torch over conda's. Here, what conda provides counts
+as installed: uv resolves the pip requirements with every conda-provided
+distribution *constrained* to its conda version (so version conflicts still
+surface), and then only the requirements themselves are written out. A
+dependency that conda does not provide and that the spec's ``pip:`` list does
+not name is an error that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from provisioner import processes
+from provisioner.config import PipSettings
+from provisioner.errors import PipLayerError, ToolMissingError
+from provisioner.lock.lockfile import LockedPackage
+from provisioner.lock.platforms import VirtualPackages
+
+#: conda package name -> the PyPI distribution it provides, where they differ
+CONDA_TO_PYPI = {
+    "pytorch": "torch",
+    "pytorch-cpu": "torch",
+    "pytorch-gpu": "torch",
+    "torchtriton": "triton",
+    "matplotlib-base": "matplotlib",
+    "py-opencv": "opencv-python",
+    "tensorflow-base": "tensorflow",
+    "pyqt": "pyqt5",
+    "typing_extensions": "typing-extensions",
+    "importlib_metadata": "importlib-metadata",
+}
+_NOT_PYTHON = {"python", "pip", "setuptools", "wheel"}
+_PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
+UV_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class PipPin:
+    """One pinned wheel of the pip layer."""
+
+    name: str
+    version: str
+    hashes: tuple[str, ...]
+
+
+def uv_executable() -> str:
+    """The uv binary shipped with the ``uv`` Python package, else one on PATH."""
+    try:
+        from uv import find_uv_bin
+
+        return str(find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        found = processes.which("uv")
+        if found is None:
+            raise ToolMissingError(
+                "uv is not installed", hint="pip install uv (it is a provisioner dependency)"
+            ) from None
+        return found
+
+
+def index_arguments(settings: PipSettings) -> list[str]:
+    """uv options for where wheels come from; none means uv's own configuration."""
+    argv = ["--no-index"] if settings.no_index else []
+    if settings.index_url:
+        argv += ["--index-url", settings.index_url]
+    for link in settings.find_links:
+        argv += ["--find-links", link]
+    return argv
+
+
+def python_platform_for(platform: str, virtual_packages: VirtualPackages) -> str:
+    """uv's ``--python-platform`` for a conda platform."""
+    glibc = virtual_packages.get("__glibc", ("2.28", "0"))[0]
+    glibc_tag = "_".join(glibc.split(".")[:2])
+    return {
+        "linux-64": f"x86_64-manylinux_{glibc_tag}",
+        "linux-aarch64": f"aarch64-manylinux_{glibc_tag}",
+        "win-64": "x86_64-pc-windows-msvc",
+        "osx-64": "x86_64-apple-darwin",
+        "osx-arm64": "aarch64-apple-darwin",
+    }[platform]
+
+
+def conda_provided(conda_packages: Sequence[LockedPackage]) -> dict[str, str]:
+    """PyPI distribution name -> version for everything the conda layer installs."""
+    provided: dict[str, str] = {}
+    for pkg in conda_packages:
+        if pkg.name in _NOT_PYTHON or pkg.name.startswith("_"):
+            continue
+        pypi = canonicalize_name(CONDA_TO_PYPI.get(pkg.name, pkg.name))
+        try:
+            Version(pkg.version)
+        except InvalidVersion:
+            continue
+        provided[pypi] = pkg.version
+    return provided
+
+
+def parse_compile_output(text: str) -> tuple[dict[str, PipPin], dict[str, set[str]]]:
+    """Parse ``uv pip compile --generate-hashes`` output into pins and a ``via`` graph.
+
+    The graph maps a package to its parents; ``-r`` sources become ``<root>`` and
+    ``-c`` constraint sources are dropped.
+    """
+    pins: dict[str, PipPin] = {}
+    parents: dict[str, set[str]] = {}
+    current: str | None = None
+    hashes: list[str] = []
+    in_via = False
+
+    def flush() -> None:
+        if current is not None:
+            pins[current] = PipPin(current, pins[current].version, tuple(hashes))
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        match = _PIN_RE.match(raw)
+        if match:
+            flush()
+            current = canonicalize_name(match.group(1))
+            pins[current] = PipPin(current, match.group(2), ())
+            parents.setdefault(current, set())
+            hashes = []
+            in_via = False
+            continue
+        if current is None:
+            continue
+        if line.startswith("--hash="):
+            hashes.append(line.removeprefix("--hash=").rstrip(" \\"))
+        elif line.startswith("# via"):
+            rest = line.removeprefix("# via").strip()
+            in_via = not rest
+            if rest:
+                _add_parent(parents[current], rest)
+        elif in_via and line.startswith("#"):
+            _add_parent(parents[current], line.lstrip("#").strip())
+    flush()
+    return pins, parents
+
+
+def _add_parent(parents: set[str], text: str) -> None:
+    if text.startswith("-r"):
+        parents.add("<root>")
+    elif not text.startswith("-c") and text:
+        parents.add(canonicalize_name(text.split()[0]))
+
+
+def render_pip_lock(pins: Sequence[PipPin], *, key: str, platform: str) -> str:
+    """The hash-pinned requirements file, with no index URLs."""
+    lines = [
+        f"# pip layer of {key} for {platform}, generated by 'provisioner lock'. Do not edit.",
+        "# Install with: uv pip install --require-hashes --no-deps -r <this file>",
+    ]
+    for pin in sorted(pins, key=lambda p: p.name):
+        lines.append(f"{pin.name}=={pin.version} \\")
+        for i, digest in enumerate(pin.hashes):
+            lines.append(f"    --hash={digest}" + (" \\" if i < len(pin.hashes) - 1 else ""))
+    return "\n".join(lines) + "\n"
+
+
+def sha256_text(text: str) -> str:
+    """The sha256 of a text file's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def lock_pip_layer(
+    *,
+    key: str,
+    requirements: Sequence[str],
+    platform: str,
+    virtual_packages: VirtualPackages,
+    conda_packages: Sequence[LockedPackage],
+    settings: PipSettings,
+) -> str:
+    """Lock ``requirements`` for ``platform`` on top of ``conda_packages``; return the file text."""
+    python = next((p for p in conda_packages if p.name == "python"), None)
+    if python is None:
+        raise PipLayerError(f"{key}: a pip: section needs python in the conda dependencies")
+    py_version = ".".join(python.version.split(".")[:2])
+    provided = conda_provided(conda_packages)
+    wanted = {canonicalize_name(Requirement(r).name) for r in requirements}
+    overlap = sorted(wanted & set(provided))
+    if overlap:
+        name = overlap[0]
+        raise PipLayerError(
+            f"{key}: pip requirement '{name}' is already provided by conda ({provided[name]})",
+            hint="drop it from the pip: section, or from the conda dependencies",
+        )
+    with tempfile.TemporaryDirectory(prefix="provisioner-pip-") as tmp:
+        req_in = Path(tmp) / "requirements.in"
+        req_in.write_text("\n".join(requirements) + "\n", encoding="utf-8")
+        constraints = Path(tmp) / "conda-provided.txt"
+        constraints.write_text(
+            "".join(f"{name}=={version}\n" for name, version in sorted(provided.items())),
+            encoding="utf-8",
+        )
+        argv = [
+            uv_executable(), "pip", "compile", str(req_in),
+            "--constraint", str(constraints),
+            "--python-version", py_version,
+            "--python-platform", python_platform_for(platform, virtual_packages),
+            "--generate-hashes", "--no-header", "--quiet",
+        ]
+        argv += index_arguments(settings)
+        argv += ["--find-links", str(_provided_wheels(Path(tmp) / "conda-provided", provided))]
+        result = processes.run(argv, timeout=UV_TIMEOUT_S)
+    if result.timed_out or result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        raise PipLayerError(
+            f"{key} ({platform}): uv could not lock the pip layer:\n{detail}",
+            hint="check the pip: requirements and that the package index is reachable",
+        )
+    pins, parents = parse_compile_output(result.stdout)
+    needed = _needed_by_pip_layer(parents, set(provided))
+    missing = sorted(needed - wanted - set(provided))
+    if missing:
+        via = {m: sorted(parents.get(m, set()) - {"<root>"}) for m in missing}
+        names = ", ".join(f"{m}=={pins[m].version} (needed by {', '.join(via[m]) or 'pip:'})"
+                          for m in missing)
+        raise PipLayerError(
+            f"{key} ({platform}): the pip layer needs {names}, which conda does not provide "
+            "and the pip: section does not pin",
+            hint="add it to the conda dependencies (preferred) or to the pip: section",
+        )
+    chosen = [pins[name] for name in sorted(wanted)]
+    return render_pip_lock(chosen, key=key, platform=platform)
+
+
+def _provided_wheels(directory: Path, provided: dict[str, str]) -> Path:
+    """Metadata-only wheels standing for what conda installs.
+
+    They let uv resolve a conda-provided dependency where the index has no
+    wheel of that version for the platform, or where there is no index at all;
+    where the index has one, uv may use either, and the conda branch is dropped
+    from the result anyway.
+    """
+    from provisioner.lock.wheels import build_wheel
+
+    for name, version in provided.items():
+        build_wheel(directory, name, version, files={})
+    return directory
+
+
+def _needed_by_pip_layer(parents: dict[str, set[str]], provided: set[str]) -> set[str]:
+    """Packages reachable from the requirements without passing through a conda package."""
+    needed: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, via in parents.items():
+            if name in needed:
+                continue
+            if "<root>" in via or any(p in needed and p not in provided for p in via):
+                needed.add(name)
+                changed = True
+    return needed
+
+
+def parse_pip_lock(text: str) -> list[PipPin]:
+    """Read back a file written by :func:`render_pip_lock`."""
+    pins, _parents = parse_compile_output(text)
+    return list(pins.values())
+
+
+
+
+def install_pip_layer(
+    *,
+    pip_lock: Path,
+    site_packages: Path,
+    python_version: str,
+    platform: str,
+    virtual_packages: VirtualPackages,
+    settings: PipSettings,
+) -> int:
+    """Install a hash-pinned pip layer into ``site_packages``; return the number of wheels."""
+    pins = parse_pip_lock(pip_lock.read_text(encoding="utf-8"))
+    if not pins:
+        return 0
+    argv = [
+        uv_executable(), "pip", "install", "--require-hashes", "--no-deps",
+        "--requirement", str(pip_lock),
+        "--target", str(site_packages),
+        "--python-version", ".".join(python_version.split(".")[:2]),
+        "--python-platform", python_platform_for(platform, virtual_packages),
+        "--only-binary", ":all:", "--quiet",
+    ]
+    argv += index_arguments(settings)
+    result = processes.run(argv, timeout=UV_TIMEOUT_S)
+    if not result.ok:
+        detail = (result.stderr or result.stdout).strip()
+        raise PipLayerError(
+            f"uv could not install the pip layer ({pip_lock.name}):\n{detail}",
+            hint="a hash mismatch means the wheel differs from the lock; relock or fix the index",
+        )
+    return len(pins)

@@ -1,0 +1,231 @@
+"""``provisioner lock``: solve each spec per platform and write conda-lock v1 files.
+
+The work is planned and solved completely in memory first; files are written
+only when every platform of a key solved (and its pip layer locked), so a
+failure leaves the lock on disk untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner import fsops
+from provisioner.config import Config
+from provisioner.errors import LockfileError, UserError
+from provisioner.keys import validate_env_key
+from provisioner.lock.channels import ChannelSource, resolve_channels
+from provisioner.lock.check import (
+    content_hash,
+    lockfile_path,
+    pip_lock_path,
+    platform_virtual_packages,
+)
+from provisioner.lock.lockfile import LockData, LockedPackage
+from provisioner.lock.pip_layer import lock_pip_layer, sha256_text
+from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LockOutcome:
+    """What ``lock`` did for one key."""
+
+    key: str
+    lockfile: Path
+    changed: bool
+    counts: dict[str, int]  # platform -> number of conda packages
+    pip_counts: dict[str, int]
+    pip_files: tuple[Path, ...]
+    old: LockData | None
+    new: LockData
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "lockfile": self.lockfile.name,
+            "changed": self.changed,
+            "conda_packages": self.counts,
+            "pip_packages": self.pip_counts,
+            "pip_files": [p.name for p in self.pip_files],
+        }
+
+
+def _preferred_records(
+    packages: Sequence[LockedPackage], sources: list[ChannelSource]
+) -> list[Any]:
+    """Locked packages as rattler records, so the solver prefers their versions."""
+    from provisioner.lock.solve import locked_to_record
+
+    records = []
+    for pkg in packages:
+        channel = next((c for c in sources if pkg.url.startswith(c.canonical + "/")), None)
+        if channel is not None:
+            records.append(locked_to_record(pkg, channel.to_source(pkg.url), channel.source))
+    return records
+
+
+def _read_existing(path: Path) -> LockData | None:
+    from provisioner.lock.conda_lock_io import read_lockfile
+
+    if not path.is_file():
+        return None
+    try:
+        return read_lockfile(path)
+    except LockfileError as exc:
+        log.warning("ignoring unreadable existing lock %s: %s", path.name, exc.message)
+        return None
+
+
+def _solve_key(
+    spec: EnvSpec,
+    config: Config,
+    old: LockData | None,
+    update: Sequence[str],
+    update_all: bool,
+    skip_pip: bool,
+) -> tuple[LockData, dict[str, str]]:
+    from provisioner.lock.solve import exact_constraint, solve_platform
+
+    sources = resolve_channels(spec.channels, config)
+    packages: list[LockedPackage] = []
+    hashes: dict[str, str] = {}
+    pip_texts: dict[str, str] = {}
+    for platform in spec.platforms:
+        locked_before = old.for_platform(platform, "conda") if old else []
+        constraints: list[str] = []
+        preferred: list[Any] = []
+        if update:
+            constraints = [exact_constraint(p) for p in locked_before if p.name not in update]
+        elif not update_all:
+            preferred = _preferred_records(locked_before, sources)
+        log.info("solving %s for %s", spec.key, platform)
+        solved = solve_platform(
+            key=spec.key,
+            channels=sources,
+            specs=spec.dependencies,
+            platform=platform,
+            virtual_packages=platform_virtual_packages(spec, platform),
+            constraints=constraints,
+            preferred=preferred,
+        )
+        packages.extend(solved)
+        pip_sha: str | None = None
+        if spec.pip:
+            existing_pip = pip_lock_path(config.locks_dir, spec.key, platform)
+            if skip_pip:
+                if not existing_pip.is_file():
+                    raise LockfileError(
+                        f"{spec.key}: --skip-pip needs an existing {existing_pip.name}",
+                        hint="lock once with the package index reachable",
+                    )
+                pip_texts[platform] = existing_pip.read_text(encoding="utf-8")
+            else:
+                log.info("locking the pip layer of %s for %s with uv", spec.key, platform)
+                pip_texts[platform] = lock_pip_layer(
+                    key=spec.key,
+                    requirements=spec.pip,
+                    platform=platform,
+                    virtual_packages=platform_virtual_packages(spec, platform),
+                    conda_packages=solved,
+                    settings=config.pip,
+                )
+            if platform in pip_texts:
+                pip_sha = sha256_text(pip_texts[platform])
+        hashes[platform] = content_hash(spec, platform, pip_sha)
+    data = LockData(
+        platforms=spec.platforms,
+        channels=spec.channels,
+        content_hash=hashes,
+        packages=tuple(packages),
+        sources=(f"{config.specs_dir.name}/{spec.key}.yml",),
+    )
+    return data, pip_texts
+
+
+def _render(data: LockData, name: str) -> bytes:
+    """conda-lock's writer only writes to a path, and names that path in its header.
+
+    So it writes ``name`` into a scratch directory and the bytes are returned.
+    """
+    from provisioner.lock.conda_lock_io import write_lockfile
+
+    with tempfile.TemporaryDirectory(prefix="provisioner-render-") as scratch:
+        target = Path(scratch) / name
+        write_lockfile(target, data)
+        return target.read_bytes()
+
+
+def lock_envs(
+    config: Config,
+    keys: Sequence[str] | None = None,
+    *,
+    update: Sequence[str] = (),
+    update_all: bool = False,
+    skip_pip: bool = False,
+) -> list[LockOutcome]:
+    """Lock ``keys`` (default: every spec); return what changed per key.
+
+    ``update`` relocks only the named packages, holding every other package at
+    its locked version; ``update_all`` lets every package move. Without either,
+    versions already in the lock are preferred where the spec still allows them.
+    """
+    if update and update_all:
+        raise UserError("--update and --update-all cannot be combined")
+    chosen = [validate_env_key(k) for k in keys] if keys else list_spec_keys(config.specs_dir)
+    if not chosen:
+        raise UserError(
+            f"no specs found in {config.specs_dir}",
+            hint="run inside a project with environment-specs/, or pass --project DIR",
+        )
+    specs = [load_spec(config.specs_dir, key) for key in chosen]
+    # Solve every key before writing any file: a failure anywhere leaves all locks untouched.
+    solved = []
+    for spec in specs:
+        lock_path = lockfile_path(config.locks_dir, spec.key)
+        old = _read_existing(lock_path)
+        if update:
+            _check_update(spec.key, old, update)
+        data, pip_texts = _solve_key(spec, config, old, update, update_all, skip_pip)
+        solved.append((spec, lock_path, old, data, pip_texts, _render(data, lock_path.name)))
+    outcomes = []
+    for spec, lock_path, old, data, pip_texts, rendered in solved:
+        config.locks_dir.mkdir(parents=True, exist_ok=True)
+        pip_files = []
+        for platform, text in sorted(pip_texts.items()):
+            path = pip_lock_path(config.locks_dir, spec.key, platform)
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                fsops.atomic_write_text(path, text)
+            pip_files.append(path)
+        changed = not lock_path.is_file() or lock_path.read_bytes() != rendered
+        if changed:
+            fsops.atomic_write_bytes(lock_path, rendered)
+        outcomes.append(
+            LockOutcome(
+                key=spec.key,
+                lockfile=lock_path,
+                changed=changed,
+                counts={p: len(data.for_platform(p, "conda")) for p in data.platforms},
+                pip_counts={p: text.count("==") for p, text in pip_texts.items()},
+                pip_files=tuple(pip_files),
+                old=old,
+                new=data,
+            )
+        )
+    return outcomes
+
+
+def _check_update(key: str, old: LockData | None, update: Sequence[str]) -> None:
+    if old is None:
+        raise LockfileError(
+            f"--update needs an existing lock for {key}",
+            hint=f"run 'provisioner lock {key}' first",
+        )
+    unknown = sorted(set(update) - {p.name for p in old.packages})
+    if unknown:
+        raise UserError(f"{key}: cannot update {', '.join(unknown)}: not in the lock")

@@ -1,0 +1,487 @@
+"""The pip layer: uv locks ``pip:`` requirements on top of what conda already installs.
+
+Every uv run here is real and offline: ``--no-index`` with ``--find-links`` to wheels
+built by :func:`provisioner.sample.stack.build_wheel`. The one network test relocks the
+committed ``torch-cu121-transformers-bnb`` key against PyPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+from provisioner.config import PipSettings, load_config
+from provisioner.errors import EXIT_USER_ERROR, PipLayerError
+from provisioner.lock.check import (
+    check_locks,
+    content_hash,
+    lockfile_path,
+    pip_lock_path,
+)
+from provisioner.lock.lockfile import LockedPackage, read_lock_header
+from provisioner.lock.pip_layer import (
+    PipPin,
+    conda_provided,
+    lock_pip_layer,
+    parse_compile_output,
+    parse_pip_lock,
+    python_platform_for,
+    sha256_text,
+)
+from provisioner.lock.platforms import virtual_packages_for
+from provisioner.lock.spec import load_spec
+from provisioner.lock.write import lock_envs
+from provisioner.sample.project import sample_platforms, write_sample_project
+from provisioner.sample.stack import build_wheel
+
+REPO = Path(__file__).resolve().parents[2]
+PROVISIONER = Path(sysconfig.get_path("scripts")) / (
+    "provisioner.exe" if sys.platform == "win32" else "provisioner"
+)
+CONDA_MIRROR = REPO / "tests" / "data" / "conda-mirror"
+COMMITTED_KEYS = ("torch-cu121-transformers", "torch-cu121-transformers-bnb")
+BNB_KEY = "torch-cu121-transformers-bnb"
+CPU = "sample-cpu-transformers"
+HASH_RE = re.compile(r"--hash=sha256:([0-9a-f]{64})")
+DEAD_PROXY = "http://127.0.0.1:9"
+
+network = pytest.mark.skipif(
+    os.environ.get("PROVISIONER_NETWORK_TESTS") != "1",
+    reason="needs the package index; set PROVISIONER_NETWORK_TESTS=1",
+)
+
+
+def conda_pkg(name: str, version: str, build: str = "0") -> LockedPackage:
+    url = f"https://conda.anaconda.org/pytorch/linux-64/{name}-{version}-{build}.tar.bz2"
+    return LockedPackage(name, version, "conda", "linux-64", url, "0" * 64)
+
+
+#: What a conda solve of python + pytorch-cuda 12.1 provides (the names that matter here).
+CONDA_LAYER = [
+    conda_pkg("_openmp_mutex", "4.5", "2_gnu"),
+    conda_pkg("cuda-cudart", "12.1.105"),
+    conda_pkg("numpy", "1.26.4", "py311h64a7726_0"),
+    conda_pkg("pip", "24.0", "pyhd8ed1ab_0"),
+    conda_pkg("python", "3.11.8", "hab00c5b_0_cpython"),
+    conda_pkg("pytorch", "2.2.1", "py3.11_cuda12.1_cudnn8.9.2_0"),
+    conda_pkg("pytorch-cuda", "12.1", "ha16c6d3_5"),
+    conda_pkg("pytorch-mutex", "1.0", "cuda"),
+]
+
+
+def pip_settings(*links: Path) -> PipSettings:
+    return PipSettings(no_index=True, find_links=tuple(str(p) for p in links))
+
+
+def lock_layer(
+    requirements: list[str],
+    wheels: Path,
+    platform: str = "linux-64",
+    conda: list[LockedPackage] = CONDA_LAYER,
+) -> str:
+    return lock_pip_layer(
+        key="trap", requirements=requirements, platform=platform,
+        virtual_packages=virtual_packages_for(platform, "12.1"),
+        conda_packages=conda, settings=pip_settings(wheels),
+    )
+
+
+def pin_lines(text: str) -> list[str]:
+    """The requirement lines of a pip lock (comments and hash lines dropped)."""
+    return [line.split("==")[0] for line in text.splitlines()
+            if line and not line.startswith(("#", " "))]
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trap_wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PyPI's shape of the trap: bitsandbytes needs torch, and torch pulls nvidia wheels."""
+    out = tmp_path_factory.mktemp("trap-wheels")
+    return {
+        "torch": build_wheel(out, "torch", "2.2.1", requires=[
+            "nvidia-cublas-cu12==12.1.3.1; platform_system == 'Linux'", "numpy"]),
+        "nvidia": build_wheel(out, "nvidia-cublas-cu12", "12.1.3.1"),
+        "numpy": build_wheel(out, "numpy", "1.26.4"),
+        "bitsandbytes": build_wheel(out, "bitsandbytes", "0.43.1", requires=["torch", "numpy"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def scipy_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bitsandbytes here also needs scipy, which the conda layer does not provide."""
+    out = tmp_path_factory.mktemp("scipy-wheels")
+    build_wheel(out, "torch", "2.2.1")
+    build_wheel(out, "numpy", "1.26.4")
+    build_wheel(out, "scipy", "1.12.0", requires=["numpy>=1.22"])
+    build_wheel(out, "bitsandbytes", "0.43.1", requires=["torch", "numpy", "scipy"])
+    return out
+
+
+# --- the trap -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("platform", ["linux-64", "win-64"])
+def test_conda_torch_is_not_pulled_again(trap_wheels: dict[str, Path], platform: str) -> None:
+    wheels = trap_wheels["torch"].parent
+    text = lock_layer(["bitsandbytes>=0.43"], wheels, platform)
+    assert pin_lines(text) == ["bitsandbytes"]
+    assert "bitsandbytes==0.43.1 \\\n" in text
+    assert HASH_RE.findall(text) == [file_sha(trap_wheels["bitsandbytes"])]
+    for absent in ("torch", "nvidia", "numpy", "--index-url", "--find-links", "http",
+                   str(wheels), wheels.name):
+        assert absent not in text
+    assert text.startswith(f"# pip layer of trap for {platform}")
+    assert parse_pip_lock(text) == [
+        PipPin("bitsandbytes", "0.43.1", (f"sha256:{file_sha(trap_wheels['bitsandbytes'])}",))
+    ]
+
+
+def test_the_lock_installs_with_require_hashes(
+    trap_wheels: dict[str, Path], tmp_path: Path
+) -> None:
+    """The file is what its header says: input for ``uv pip install --require-hashes --no-deps``."""
+    from provisioner.lock.pip_layer import uv_executable
+
+    wheels = trap_wheels["torch"].parent
+    req = tmp_path / "pip.txt"
+    req.write_text(lock_layer(["bitsandbytes>=0.43"], wheels), encoding="utf-8")
+    target = tmp_path / "target"
+    result = subprocess.run(
+        [uv_executable(), "pip", "install", "--require-hashes", "--no-deps", "-r", str(req),
+         "--no-index", "--find-links", str(wheels), "--target", str(target),
+         "--python", sys.executable, "--no-cache", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    installed = sorted(p.name for p in target.iterdir() if p.name.endswith(".dist-info"))
+    assert installed == ["bitsandbytes-0.43.1.dist-info"]
+
+
+def test_dependency_conda_lacks_must_be_pinned(scipy_wheels: Path) -> None:
+    with pytest.raises(PipLayerError) as info:
+        lock_layer(["bitsandbytes>=0.43"], scipy_wheels)
+    message = info.value.message
+    assert "scipy==1.12.0 (needed by bitsandbytes)" in message
+    assert "conda does not provide" in message
+    assert "torch" not in message and "numpy" not in message
+    assert info.value.hint
+    assert info.value.exit_code == EXIT_USER_ERROR
+
+    text = lock_layer(["bitsandbytes>=0.43", "scipy==1.12.0"], scipy_wheels)
+    assert pin_lines(text) == ["bitsandbytes", "scipy"]
+    assert "scipy==1.12.0 \\\n" in text
+    assert len(HASH_RE.findall(text)) == 2
+    assert "numpy" not in text and "torch" not in text
+
+
+def test_version_conflict_with_conda_is_an_error(tmp_path: Path) -> None:
+    build_wheel(tmp_path, "torch", "2.2.1")
+    build_wheel(tmp_path, "torch", "2.3.0")  # pip could pick it, but conda holds 2.2.1
+    build_wheel(tmp_path, "numpy", "1.26.4")
+    build_wheel(tmp_path, "bitsandbytes", "0.44.1", requires=["torch>=2.3", "numpy"])
+    with pytest.raises(PipLayerError) as info:
+        lock_layer(["bitsandbytes"], tmp_path)
+    message = info.value.message
+    assert message.startswith("trap (linux-64): uv could not lock the pip layer")
+    assert "torch" in message
+    assert "bitsandbytes" in message
+
+
+@pytest.mark.parametrize("requirement", ["torch>=2", "NumPy", "pytorch_mutex"])
+def test_requirement_already_provided_by_conda(requirement: str, tmp_path: Path) -> None:
+    with pytest.raises(PipLayerError, match="already provided by conda") as info:
+        lock_layer([requirement], tmp_path)
+    assert info.value.hint
+
+
+def test_pip_layer_needs_python_in_conda(tmp_path: Path) -> None:
+    no_python = [p for p in CONDA_LAYER if p.name != "python"]
+    with pytest.raises(PipLayerError, match="needs python"):
+        lock_layer(["bitsandbytes"], tmp_path, conda=no_python)
+
+
+def test_conda_provided_maps_names() -> None:
+    provided = conda_provided(CONDA_LAYER)
+    assert provided["torch"] == "2.2.1"
+    assert provided["numpy"] == "1.26.4"
+    assert "pytorch" not in provided
+    assert "python" not in provided and "pip" not in provided
+    assert "-openmp-mutex" not in provided and "_openmp_mutex" not in provided
+
+
+# --- uv output and platforms ----------------------------------------------------------------
+
+UV_OUTPUT = """\
+# This file was autogenerated by uv via the following command:
+#    uv pip compile /tmp/provisioner-pip-x/requirements.in --constraint /tmp/c.txt --generate-hashes
+bitsandbytes==0.43.1 \\
+    --hash=sha256:4c3e7f5559fcf605f49a5cdcc85de21e1aae4db0b5109e3e4bb1f09625c8d311
+    # via -r /tmp/provisioner-pip-x/requirements.in
+Filelock==3.13.1 \\
+    --hash=sha256:1aa5ef5c87d72c31770103b375a9f94ba38be2f4181a3643448b843595458c5a \\
+    --hash=sha256:5ffa845303983e7a0b7ae17636509bc97997d58afeafa72fb141a17b152284cb
+    # via torch
+numpy==1.26.4 \\
+    --hash=sha256:8e27f8a7424758f2eccc6bf3afadb8b43040c1dfb109bf4325fbc5e755a7fcbc
+    # via
+    #   -c /tmp/c.txt
+    #   bitsandbytes
+    #   scipy
+nvidia-cublas-cu12==12.1.3.1 \\
+    --hash=sha256:057d2262584924435991dfb3af2fe83897d7e6d6e392eea087ee6cef3f773012
+    # via torch
+scipy==1.12.0 \\
+    --hash=sha256:c1ceb27f9a6ba52de98178858bd24fb28f9a08cd1b21d19ee30b716b8c437a4e
+    # via
+    #   -r /tmp/provisioner-pip-x/requirements.in
+    #   bitsandbytes
+torch==2.2.1 \\
+    --hash=sha256:9bc5075534fae251b25865f48f15e5cc7db89eb2e3b33678170330eb933ed1fa
+    # via
+    #   -c /tmp/c.txt
+    #   bitsandbytes
+"""
+
+
+def test_parse_compile_output_builds_the_via_graph() -> None:
+    pins, parents = parse_compile_output(UV_OUTPUT)
+    assert {name: pin.version for name, pin in pins.items()} == {
+        "bitsandbytes": "0.43.1", "filelock": "3.13.1", "numpy": "1.26.4",
+        "nvidia-cublas-cu12": "12.1.3.1", "scipy": "1.12.0", "torch": "2.2.1",
+    }
+    assert pins["filelock"].hashes == (
+        "sha256:1aa5ef5c87d72c31770103b375a9f94ba38be2f4181a3643448b843595458c5a",
+        "sha256:5ffa845303983e7a0b7ae17636509bc97997d58afeafa72fb141a17b152284cb",
+    )
+    assert pins["torch"].hashes == (
+        "sha256:9bc5075534fae251b25865f48f15e5cc7db89eb2e3b33678170330eb933ed1fa",
+    )
+    assert parents == {
+        "bitsandbytes": {"<root>"},
+        "filelock": {"torch"},
+        "numpy": {"bitsandbytes", "scipy"},  # the -c constraint source is dropped
+        "nvidia-cublas-cu12": {"torch"},
+        "scipy": {"<root>", "bitsandbytes"},
+        "torch": {"bitsandbytes"},
+    }
+
+
+def test_parse_compile_output_of_nothing() -> None:
+    assert parse_compile_output("") == ({}, {})
+    assert parse_compile_output("# only a header\n") == ({}, {})
+
+
+def test_python_platform_for() -> None:
+    assert python_platform_for("linux-64", virtual_packages_for("linux-64", "12.1")) == (
+        "x86_64-manylinux_2_28"
+    )
+    old_glibc = virtual_packages_for("linux-64", None, {"__glibc": "2.17"})
+    assert python_platform_for("linux-64", old_glibc) == "x86_64-manylinux_2_17"
+    assert python_platform_for("win-64", virtual_packages_for("win-64", "12.1")) == (
+        "x86_64-pc-windows-msvc"
+    )
+    assert python_platform_for("osx-arm64", virtual_packages_for("osx-arm64", None)) == (
+        "aarch64-apple-darwin"
+    )
+
+
+# --- end to end through lock_envs -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A locked sample project; copy it before changing anything."""
+    root = tmp_path_factory.mktemp("piplayer") / "project"
+    write_sample_project(root)
+    lock_envs(load_config(root, environ={}))
+    return root
+
+
+def _spec_deps(project: Path, key: str) -> list[object]:
+    data = yaml.safe_load((project / "environment-specs" / f"{key}.yml").read_text())
+    deps = data["dependencies"]
+    assert isinstance(deps, list)
+    return deps
+
+
+def _set_deps(project: Path, key: str, deps: list[object]) -> None:
+    path = project / "environment-specs" / f"{key}.yml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["dependencies"] = deps
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+@pytest.fixture()
+def pip_project(sample_root: Path, tmp_path: Path) -> Path:
+    """The cpu key with ``pip: [peft>=0.10]``, wheels in <project>/wheels, locked by uv."""
+    project = Path(shutil.copytree(sample_root, tmp_path / "project", symlinks=True))
+    wheels = project / "wheels"
+    # What PyPI would offer for the conda-provided packages, plus the one pip package.
+    build_wheel(wheels, "torch", "2.2.1", requires=[
+        "nvidia-cublas-cu12==12.1.3.1; platform_system == 'Linux'", "numpy"])
+    build_wheel(wheels, "nvidia-cublas-cu12", "12.1.3.1")
+    build_wheel(wheels, "numpy", "1.26.4")
+    build_wheel(wheels, "transformers", "4.40.0", requires=["numpy>=1.17"])
+    build_wheel(wheels, "peft", "0.10.0", requires=["torch>=1.13", "transformers", "numpy"])
+    with (project / "provisioner.toml").open("a", encoding="utf-8") as fh:
+        fh.write('\n[pip]\nno-index = true\nfind-links = ["wheels"]\n')
+    _set_deps(project, CPU, [*_spec_deps(project, CPU), {"pip": ["peft>=0.10"]}])
+    return project
+
+
+def test_lock_envs_writes_a_pip_layer_per_platform(pip_project: Path) -> None:
+    config = load_config(pip_project, environ={})
+    [outcome] = lock_envs(config, [CPU])
+    locks = pip_project / "lockfiles"
+    platforms = sample_platforms()
+    assert {"linux-64", "win-64"} <= set(platforms)
+    assert outcome.changed
+    assert outcome.pip_counts == dict.fromkeys(platforms, 1)
+    assert list(outcome.pip_files) == [pip_lock_path(locks, CPU, p) for p in sorted(platforms)]
+    peft_sha = file_sha(pip_project / "wheels" / "peft-0.10.0-py3-none-any.whl")
+    spec = load_spec(config.specs_dir, CPU)
+    hashes = read_lock_header(lockfile_path(locks, CPU))["content_hash"]
+    assert isinstance(hashes, dict)
+    for platform in platforms:
+        text = pip_lock_path(locks, CPU, platform).read_text(encoding="utf-8")
+        assert text.startswith(f"# pip layer of {CPU} for {platform}")
+        assert pin_lines(text) == ["peft"]
+        assert HASH_RE.findall(text) == [peft_sha]
+        assert "wheels" not in text and "file:" not in text
+        assert hashes[platform] == content_hash(spec, platform, sha256_text(text))
+    # The conda lock itself holds no pip entries: the layer lives beside it.
+    assert "manager: pip" not in lockfile_path(locks, CPU).read_text(encoding="utf-8")
+    assert all(r.ok for r in check_locks(config))
+
+    linux = pip_lock_path(locks, CPU, "linux-64")
+    linux.write_text(linux.read_text(encoding="utf-8") + "tinyextra==1.0\n", encoding="utf-8")
+    [stale] = check_locks(config, [CPU])
+    assert not stale.ok
+    assert [r.split(":")[0] for r in stale.reasons] == ["linux-64"]
+
+    # Relocking repairs the hand-edited layer.
+    [again] = lock_envs(config, [CPU])
+    assert not again.changed  # the conda lock's bytes are the same as before the edit
+    assert pin_lines(linux.read_text(encoding="utf-8")) == ["peft"]
+    assert all(r.ok for r in check_locks(config))
+
+
+def test_skip_pip_keeps_the_existing_pip_layer(pip_project: Path) -> None:
+    config = load_config(pip_project, environ={})
+    lock_envs(config, [CPU])
+    locks = pip_project / "lockfiles"
+    before = {p.name: p.read_bytes() for p in locks.iterdir()}
+    shutil.rmtree(pip_project / "wheels")  # uv could no longer lock the layer
+
+    [same] = lock_envs(config, [CPU], skip_pip=True)
+    assert not same.changed
+    assert {p.name: p.read_bytes() for p in locks.iterdir()} == before
+
+    # A conda-side spec change relocks conda and keeps the pip layer as it is.
+    deps = _spec_deps(pip_project, CPU)
+    _set_deps(pip_project, CPU, ["transformers>=4.36" if d == "transformers" else d
+                                 for d in deps])
+    assert not check_locks(config, [CPU])[0].ok
+    [relocked] = lock_envs(config, [CPU], skip_pip=True)
+    assert relocked.changed
+    assert relocked.pip_counts == dict.fromkeys(sample_platforms(), 1)
+    for platform in sample_platforms():
+        name = pip_lock_path(locks, CPU, platform).name
+        assert (locks / name).read_bytes() == before[name]
+    assert check_locks(config, [CPU])[0].ok
+
+    # Without --skip-pip the missing wheels are an error, and nothing is written.
+    snapshot = {p.name: p.read_bytes() for p in locks.iterdir()}
+    with pytest.raises(PipLayerError, match="uv could not lock the pip layer"):
+        lock_envs(config, [CPU])
+    assert {p.name: p.read_bytes() for p in locks.iterdir()} == snapshot
+
+
+def test_unlockable_pip_layer_writes_nothing(pip_project: Path) -> None:
+    deps = [d for d in _spec_deps(pip_project, CPU) if not isinstance(d, dict)]
+    _set_deps(pip_project, CPU, [*deps, {"pip": ["not-on-the-find-links>=1"]}])
+    locks = pip_project / "lockfiles"
+    before = {p.name: p.read_bytes() for p in locks.iterdir()}
+    with pytest.raises(PipLayerError, match="not-on-the-find-links"):
+        lock_envs(load_config(pip_project, environ={}), [CPU])
+    assert {p.name: p.read_bytes() for p in locks.iterdir()} == before
+
+
+# --- the committed locks reproduce ----------------------------------------------------------
+
+
+def _offline_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROVISIONER_", "XDG_"))}
+    env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_DATA_HOME=str(tmp_path / "data"), UV_OFFLINE="1")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                "all_proxy"):
+        env[var] = DEAD_PROXY
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
+    return env
+
+
+def _copy_committed(dest: Path, *, conda_locks: bool) -> Path:
+    shutil.copytree(REPO / "environment-specs", dest / "environment-specs")
+    (dest / "lockfiles").mkdir()
+    for path in (REPO / "lockfiles").iterdir():
+        if conda_locks or path.name.endswith(".pip.txt"):
+            shutil.copy2(path, dest / "lockfiles" / path.name)
+    return dest
+
+
+def _committed(name: str) -> bytes:
+    return (REPO / "lockfiles" / name).read_bytes()
+
+
+@pytest.mark.parametrize("conda_locks", [True, False], ids=["over-the-locks", "from-scratch"])
+def test_committed_conda_locks_reproduce_offline(tmp_path: Path, conda_locks: bool) -> None:
+    project = _copy_committed(tmp_path / "copy", conda_locks=conda_locks)
+    result = subprocess.run(
+        [str(PROVISIONER), "lock", "--skip-pip", "--channel-root", str(CONDA_MIRROR)],
+        cwd=project, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    state = "unchanged" if conda_locks else "updated"
+    for key in COMMITTED_KEYS:
+        assert f"{key}: {state} lockfiles/{key}.conda-lock.yml" in result.stdout
+        name = f"{key}.conda-lock.yml"
+        assert (project / "lockfiles" / name).read_bytes() == _committed(name), key
+    for path in (REPO / "lockfiles").glob("*.pip.txt"):
+        assert (project / "lockfiles" / path.name).read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in (project / "lockfiles").iterdir()) == sorted(
+        p.name for p in (REPO / "lockfiles").iterdir()
+    )
+
+
+@network
+@pytest.mark.network
+def test_committed_bnb_lock_and_pip_layer_reproduce(tmp_path: Path) -> None:
+    project = _copy_committed(tmp_path / "copy", conda_locks=True)
+    pip_files = sorted(p.name for p in (REPO / "lockfiles").glob(f"{BNB_KEY}.*.pip.txt"))
+    assert pip_files
+    for name in pip_files:  # uv has to write them again
+        (project / "lockfiles" / name).unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIONER_")}
+    result = subprocess.run(
+        [str(PROVISIONER), "lock", BNB_KEY, "--channel-root", str(CONDA_MIRROR)],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    lock_name = f"{BNB_KEY}.conda-lock.yml"
+    assert (project / "lockfiles" / lock_name).read_bytes() == _committed(lock_name)
+    for name in pip_files:
+        assert (project / "lockfiles" / name).read_bytes() == _committed(name), name

@@ -1,0 +1,214 @@
+"""Subprocesses: captured output, exit codes as data, whole-group kill on timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import ToolMissingError
+from provisioner.processes import ProcResult, run, which
+
+PY = sys.executable
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX process groups")
+
+
+def _py(code: str) -> list[str]:
+    return [PY, "-c", textwrap.dedent(code)]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie waiting for an absent reaper counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _wait_dead(pid: int, within: float = 2.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.02)
+    return not _alive(pid)
+
+
+def _wait_for_file(path: Path, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_captures_exit_code_stdout_and_stderr() -> None:
+    result = run(_py("""
+        import sys
+        print("to out")
+        print("to err", file=sys.stderr)
+        sys.exit(3)
+    """))
+    assert isinstance(result, ProcResult)
+    assert result.returncode == 3
+    assert result.stdout == "to out\n"
+    assert result.stderr == "to err\n"
+    assert not result.timed_out
+    assert not result.ok
+    assert result.argv[0] == PY
+    assert 0 <= result.seconds < 10
+
+
+def test_success_is_ok() -> None:
+    result = run([PY, "-c", "pass"], timeout=30)
+    assert result.ok
+    assert result.returncode == 0
+    assert result.stdout == result.stderr == ""
+
+
+def test_input_env_and_cwd(tmp_path: Path) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "PROVISIONER_TEST_VALUE": "hello"}
+    result = run(
+        _py("""
+            import os, sys
+            print(sys.stdin.read().upper(), os.environ.get("PROVISIONER_TEST_VALUE"),
+                  os.getcwd(), sorted(os.environ).count("HOME"))
+        """),
+        env=env,
+        cwd=tmp_path,
+        input_text="piped",
+    )
+    words = result.stdout.split()
+    assert words[:2] == ["PIPED", "hello"]
+    assert Path(words[2]).resolve() == tmp_path.resolve()
+    assert words[3] == "0"
+
+
+def test_stdin_is_closed_without_input() -> None:
+    result = run(_py("import sys; print(repr(sys.stdin.read()))"), timeout=10)
+    assert result.stdout.strip() == "''"
+
+
+def test_undecodable_output_is_replaced() -> None:
+    result = run(_py(r"import sys; sys.stdout.buffer.write(b'ok \xff\xfe end')"))
+    assert result.stdout == "ok \ufffd\ufffd end"
+
+
+def test_missing_executable_raises_tool_missing() -> None:
+    with pytest.raises(ToolMissingError, match="no-such-tool-provisioner") as info:
+        run(["no-such-tool-provisioner", "--version"])
+    assert info.value.hint
+
+
+def test_missing_executable_by_path(tmp_path: Path) -> None:
+    with pytest.raises(ToolMissingError, match="nope"):
+        run([str(tmp_path / "nope")])
+
+
+def test_missing_cwd_is_not_reported_as_missing_tool(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        run([PY, "-c", "pass"], cwd=tmp_path / "absent")
+
+
+def test_empty_argv_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        run([])
+
+
+def test_which() -> None:
+    bindir = str(Path(PY).parent)
+    found = which(Path(PY).name, bindir)
+    assert found is not None
+    assert Path(found).parent == Path(bindir)
+    assert which("no-such-tool-provisioner") is None
+
+
+GRANDCHILD = """
+import os, subprocess, sys, time
+pidfile = sys.argv[1]
+grand = subprocess.Popen([sys.executable, "-c",
+    "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)",
+    pidfile + ".grand"], start_new_session=ESCAPE)
+while not os.path.exists(pidfile + ".grand") or not open(pidfile + ".grand").read():
+    time.sleep(0.01)
+with open(pidfile, "w") as fh:
+    fh.write(str(os.getpid()))
+print("started", flush=True)
+if HANG:
+    time.sleep(60)
+"""
+
+
+def _spawner(tmp_path: Path, *, hang: bool, escape: bool = False) -> list[str]:
+    code = GRANDCHILD.replace("ESCAPE", str(escape)).replace("HANG", str(hang))
+    return [PY, "-c", code, str(tmp_path / "pid")]
+
+
+@posix_only
+def test_timeout_kills_child_and_grandchild(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = run(_spawner(tmp_path, hang=True), timeout=1)
+    elapsed = time.monotonic() - started
+
+    assert result.timed_out
+    assert result.returncode is None
+    assert not result.ok
+    assert elapsed < 1.5
+    assert result.seconds < 1.5
+    assert result.stdout == "started\n"
+    child = int((tmp_path / "pid").read_text())
+    grandchild = int((tmp_path / "pid.grand").read_text())
+    assert _wait_dead(child)
+    assert _wait_dead(grandchild)
+    with pytest.raises(ProcessLookupError):
+        # The group is gone once its last member has been reaped; a zombie whose
+        # reaper is slow still counts, so allow it a moment.
+        deadline = time.monotonic() + 2
+        while True:
+            os.killpg(child, 0)
+            if time.monotonic() > deadline:
+                pytest.skip("orphaned zombies are not reaped on this host")
+            time.sleep(0.02)
+
+
+@posix_only
+def test_timeout_when_child_exits_but_grandchild_holds_pipe(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = run(_spawner(tmp_path, hang=False), timeout=1)
+    assert time.monotonic() - started < 1.5
+    assert result.timed_out
+    assert result.stdout == "started\n"
+    assert _wait_dead(int((tmp_path / "pid.grand").read_text()))
+
+
+@posix_only
+def test_timeout_is_bounded_even_if_a_process_escapes_the_group(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = run(_spawner(tmp_path, hang=True, escape=True), timeout=1)
+    elapsed = time.monotonic() - started
+    escaped = int((tmp_path / "pid.grand").read_text())
+    try:
+        assert result.timed_out
+        assert elapsed < 2.0
+        assert result.stdout == "started\n"
+        assert _wait_dead(int((tmp_path / "pid").read_text()))
+    finally:
+        os.kill(escaped, signal.SIGKILL)
+
+
+def test_no_timeout_when_fast() -> None:
+    result = run([PY, "-c", "print('quick')"], timeout=30)
+    assert not result.timed_out
+    assert result.stdout == "quick\n"
