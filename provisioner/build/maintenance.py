@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Literal
 
 from provisioner import fsops
-from provisioner.config import Config
 from provisioner.build.env_checks import check_files, check_records
-from provisioner.errors import LockTimeoutError, ProvisionerError
 from provisioner.build.fingerprint import fingerprint_path, in_progress_path, read_fingerprint
 from provisioner.build.key_lock import hold_key_lock, is_key_locked
-from provisioner.keys import validate_env_key
 from provisioner.build.layout import POINTER_NAME, HomeLayout, generation_name, read_pointer
-from provisioner.lock.check import lockfile_path
 from provisioner.build.plan import locked_hash
+from provisioner.config import Config
+from provisioner.errors import LockTimeoutError, ProvisionerError
+from provisioner.keys import validate_env_key
+from provisioner.lock.check import lockfile_path
 from provisioner.lock.platforms import host_platform
 
 # How many missing or altered files a problem line names before summarising.

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from provisioner.build.fingerprint import in_progress_path, read_fingerprint
+from provisioner.build.layout import HomeLayout, generation_name, python_path, read_pointer
 from provisioner.config import Config
 from provisioner.errors import LockfileError
-from provisioner.build.fingerprint import in_progress_path, read_fingerprint
 from provisioner.keys import validate_env_key
-from provisioner.build.layout import HomeLayout, generation_name, python_path, read_pointer
 from provisioner.lock.check import lockfile_path
 from provisioner.lock.lockfile import split_lockfile
 from provisioner.lock.platforms import host_platform

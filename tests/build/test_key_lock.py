@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from provisioner.build import key_lock as keylock
-from provisioner.errors import LockTimeoutError, UserError
 from provisioner.build.key_lock import hold_key_lock, is_key_locked
+from provisioner.errors import LockTimeoutError, UserError
 
 KEY = "sample-key"
 

@@ -15,12 +15,12 @@ import yaml
 
 from provisioner import fsops
 from provisioner.build.ensure import ensure
+from provisioner.build.layout import HomeLayout, read_pointer
+from provisioner.build.maintenance import collect_garbage, verify_env
 from provisioner.config import Config, load_config
 from provisioner.errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR
-from provisioner.build.layout import HomeLayout, read_pointer
-from provisioner.lock.write import lock_envs
-from provisioner.build.maintenance import collect_garbage, verify_env
 from provisioner.lock.spec import spec_path
+from provisioner.lock.write import lock_envs
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
 

@@ -26,9 +26,7 @@ from typing import TypeVar
 
 import pytest
 
-from provisioner.config import load_config
 from provisioner.build.fingerprint import in_progress_path, read_fingerprint
-from provisioner.fsops import MARKER_NAME, remove_unmarked_stub, write_marker
 from provisioner.build.layout import (
     POINTER_NAME,
     HomeLayout,
@@ -37,6 +35,8 @@ from provisioner.build.layout import (
     read_pointer,
 )
 from provisioner.build.plan import locked_hash
+from provisioner.config import load_config
+from provisioner.fsops import MARKER_NAME, remove_unmarked_stub, write_marker
 from provisioner.lock.platforms import host_platform
 from provisioner.sample.project import create_sample_project
 
