@@ -198,6 +198,12 @@ def test_every_command_json_matches_its_schema(world: Path, env: dict[str, str],
     diff = check("diff", ["diff", f"lockfiles/{CPU}.conda-lock.yml",
                           f"lockfiles/{CU121}.conda-lock.yml"])
     assert diff["old"] == str(project / "lockfiles" / f"{CPU}.conda-lock.yml")
+    if shutil.which("git"):
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "locks"]):
+            subprocess.run([*git, *args], cwd=project, check=True, capture_output=True)
+        since = check("diff", ["diff", "--git", "HEAD", CPU])
+        assert [k["key"] for k in since["keys"]] == [CPU] and not since["keys"][0]["changed"]
     sample = check("sample", ["sample", "other"], cwd=tmp_path)
     assert sample["path"] == str(tmp_path / "other")
     dry = check("ensure", ["ensure", CPU, "--dry-run"])
