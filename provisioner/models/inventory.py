@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from provisioner import fsops, processes
@@ -107,9 +108,9 @@ def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
                      and e.get("env_key") == key and e.get("source") == "shared"
                      and e.get("generation") == gen_dir.name}
             used = [float(e.get("last_used", 0)) for e in users.values()]
-            # A migrated model belongs to its key from the migration on, before its next load.
             moved = {m for m, e in migrations.items() if isinstance(e, dict)
-                     and e.get("key") == key and e.get("generation") == gen_dir.name}
+                     and e.get("key") == key and e.get("generation") == gen_dir.name
+                     and not _served_elsewhere_since(models.get(m), e, key, gen_dir.name)}
             fp = read_fingerprint(gen_dir)
             rows.append(SharedEnvRow(
                 key, gen_dir.name, gen_dir.name == active, gen_dir, fsops.tree_size(gen_dir),
@@ -117,6 +118,23 @@ def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
                 tuple(sorted(set(users) | moved)),
             ))
     return rows
+
+
+def _served_elsewhere_since(last: object, migration: dict[str, object], key: str,
+                            generation: str) -> bool:
+    """Whether a model's last load, after its migration to ``key``, used another env.
+
+    A migrated model belongs to its key from the migration on, even before its next load.
+    """
+    if not isinstance(last, dict) or (last.get("env_key"), last.get("generation")) == (
+            key, generation):
+        return False
+    try:
+        migrated_at = datetime.fromisoformat(str(migration.get("at"))).timestamp()
+    except ValueError:
+        return False
+    # "at" is whole seconds; a load in the migration's own second came before it.
+    return float(last.get("last_used", 0)) >= migrated_at + 1
 
 
 def _legacy_health(config: Config, state: StateFile, env: LegacyEnv, *, probe: bool,

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,16 @@ def test_list_shows_migrated_models_and_iso_times(world: Path, env: dict[str, st
     assert row["models"] == [LLAMA] and row["last_used"].endswith("+00:00")
     text = run(["list", *h], project, env).stdout
     assert re.search(r"sample-cu121-transformers-bnb .* meta-llama/Llama-2-7b-hf$", text, re.M)
+    # Once a later load serves it from another key, it is listed there only.
+    time.sleep(1.1)  # migrations are recorded to the second
+    rules = project / "environment-specs" / "models.yml"
+    data = yaml.safe_load(rules.read_text(encoding="utf-8"))
+    data["rules"].insert(0, {"model": LLAMA, "env": CPU})
+    rules.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert run(["resolve", LLAMA, "--policy", "ignore", *h], project, env).returncode == 0
+    rows = validate("list", run(["list", "--json", *h], project, env).stdout)["shared"]
+    assert {r["key"]: r["models"] for r in rows} == {CPU: [LLAMA],
+                                                      "sample-cu121-transformers-bnb": []}
 
 
 @pytest.mark.parametrize("args", [["ensure", "no-such-key"], ["lock", "--check", "../x"],
