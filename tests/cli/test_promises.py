@@ -193,6 +193,8 @@ def test_every_command_json_matches_its_schema(world: Path, env: dict[str, str],
     assert check("lock", ["lock", "--check"])["check"] is True
     locked = check("lock", ["lock", CPU, "--skip-pip"])
     assert locked["keys"][0]["lockfile"] == str(project / "lockfiles" / f"{CPU}.conda-lock.yml")
+    relocked = check("lock", ["lock", CPU, "--update-all", "--skip-pip"])
+    assert relocked["keys"][0]["diff"]["changed"] is False  # the sample channel has one build
     shown = check("show-lock", ["show-lock", f"lockfiles/{CPU}.conda-lock.yml"])
     assert shown["path"] == str(project / "lockfiles" / f"{CPU}.conda-lock.yml")
     assert check("show-lock", ["show-lock", CPU])["key"] == CPU
