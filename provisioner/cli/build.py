@@ -87,10 +87,10 @@ def ensure_cmd(
 
     config = make_config(ctx, project)
     progress: Any = None
-    if progress_wanted(ctx, as_json) and not dry_run:
-        progress = _RichProgress(key, options(ctx).color_flag)
-    elif options(ctx).verbose >= 2:
+    if options(ctx).verbose >= 2:  # debug lines and a live bar would garble each other
         progress = _LoggedProgress(key)
+    elif progress_wanted(ctx, as_json) and not dry_run:
+        progress = _RichProgress(key, options(ctx).color_flag)
     result = ensure(config, key, EnsureOptions(
         dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
         allow_cuda_mismatch=allow_cuda_mismatch, progress=progress,
