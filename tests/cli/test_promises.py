@@ -168,6 +168,11 @@ def test_verbosity_levels(world: Path, env: dict[str, str], tmp_path: Path) -> N
     assert "ran " not in normal and "project " not in normal
     assert f"home {tmp_path / 'v'}" in debug and "ran " in debug  # provisioner's decisions
     assert "rattler:" not in debug
+    decided = run(["resolve", LLAMA, "--home", str(tmp_path / "v"), "-v"], world, env).stderr
+    assert f"{LLAMA}: rule meta-llama/* requires bitsandbytes>=0.43, cuda==12.1 -> " in decided
+    assert f"{LLAMA}: env key sample-cu121-transformers-bnb, legacy policy prefer" in decided
+    assert "legacy policy" not in run(["resolve", LLAMA, "--home", str(tmp_path / "v")],
+                                      world, env).stderr
     assert re.search(rf"rattler: {CPU}: transaction of \d+ operation", detail)  # rattler's own
     code = "import os; print(os.environ.get('RUST_LOG'))"
     child = run(["run", "gpt2", "-vv", "--home", str(tmp_path / "n"), "--", "python", "-c", code],
