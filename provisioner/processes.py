@@ -10,6 +10,7 @@ exceptions; only a missing program raises (``ToolMissingError``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -31,6 +32,9 @@ else:
 # left the group (setsid, or a Windows orphan) can hold them open past it.
 _DRAIN_S = 0.25
 _REAP_S = 5.0
+log = logging.getLogger(__name__)
+# The children's own output is detail for -vv; the CLI sets this logger apart.
+_tools_log = logging.getLogger("provisioner.tools")
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def run(
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=_REAP_S)
         raise
-    return ProcResult(
+    result = ProcResult(
         argv=args,
         returncode=None if timed_out else proc.returncode,
         stdout=out or "",
@@ -180,6 +184,12 @@ def run(
         timed_out=timed_out,
         seconds=time.monotonic() - started,
     )
+    brief = (a if len(a) <= 80 and "\n" not in a else a.splitlines()[0][:60] + "..." for a in args)
+    log.debug("ran %s: %s in %.2f s", " ".join(brief),
+              "timed out" if timed_out else f"exit {result.returncode}", result.seconds)
+    if result.stderr.strip():
+        _tools_log.debug("%s said:\n%s", Path(args[0]).name, result.stderr.rstrip())
+    return result
 
 
 def run_passthrough(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:

@@ -223,7 +223,7 @@ def choose_backend(
     elif configured:
         name, why = configured, "provisioner.toml"
     else:
-        name, why = "rattler", "default (embedded py-rattler)"
+        name, why = "rattler", "the default, embedded"
     if name not in BACKENDS:
         raise UserError(f"unknown backend '{name}'", hint=f"choose one of {', '.join(BACKENDS)}")
     if name == "rattler":

@@ -167,7 +167,7 @@ def _dry_run(config: Config, plan: EnsurePlan, opts: EnsureOptions, start: float
 
 def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOptions,
            start: float, waited: float) -> EnsureResult:
-    from provisioner.build.artifacts import verify_artifacts
+    from provisioner.build.artifacts import locate_sizes, verify_artifacts
     from provisioner.build.cuda import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
     from provisioner.lock.channels import resolve_channels
     from provisioner.lock.check import check_key, platform_virtual_packages
@@ -183,6 +183,9 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
                     "(run 'provisioner lock %s' to pick up the change)", plan.key, plan.key)
     lock = read_lockfile(plan.lockfile)
     packages = lock.for_platform(plan.platform, "conda")
+    # The same plan fields as --dry-run reports, so that both read alike.
+    plan = replace(plan, details={"packages_to_link": len(packages),
+                                  **locate_sizes(config, lock, packages)})
     choice = choose_backend(opts.backend, config.backend, plan.platform)
     backend = choice.backend
     log.info("backend %s (%s)", backend.name, choice.reason)

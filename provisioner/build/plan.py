@@ -57,6 +57,8 @@ class EnsurePlan:
             "lockfile": str(self.lockfile),
             "active_generation": self.active_generation,
             "stale_staging": [str(p) for p in self.stale_staging],
+            # Known once the lock is read (a dry run or a build), else null: same keys always.
+            "packages_to_link": None, "archive_bytes": None, "archives_known": None,
             **self.details,
         }
 

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
-from provisioner.cli.base import cli, emit_json, json_option, make_config, project_options
+from provisioner.cli.base import (
+    TOOLS_LOGGER,
+    cli,
+    emit_json,
+    json_option,
+    make_config,
+    options,
+    progress_wanted,
+    project_options,
+    status,
+)
 from provisioner.errors import EXIT_CHECK_FAILED
 
 
 class _RichProgress:
-    """A rich progress bar for installs; only used on a terminal."""
+    """A rich progress bar for installs, on stderr; only used on a terminal."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, color: bool | None) -> None:
+        from rich.console import Console
         from rich.progress import Progress
 
-        self._progress = Progress(transient=True)
+        console = Console(stderr=True, no_color=True if color is False else None,
+                          force_terminal=True if color else None)
+        self._progress = Progress(console=console, transient=True)
         self._label = label
         self._task: Any = None
 
@@ -32,6 +45,26 @@ class _RichProgress:
 
     def finish(self) -> None:
         self._progress.stop()
+
+
+class _LoggedProgress:
+    """rattler's install callbacks as debug lines (-vv), where no bar is drawn."""
+
+    def __init__(self, label: str) -> None:
+        self._log = logging.getLogger(TOOLS_LOGGER)
+        self._label = label
+        self._total = self._done = 0
+
+    def start(self, total: int) -> None:
+        self._total = total
+        self._log.debug("rattler: %s: transaction of %d operation(s)", self._label, total)
+
+    def advance(self) -> None:
+        self._done += 1
+        self._log.debug("rattler: %s: operation %d/%d done", self._label, self._done, self._total)
+
+    def finish(self) -> None:
+        self._log.debug("rattler: %s: install finished", self._label)
 
 
 @cli.command("ensure")
@@ -53,7 +86,11 @@ def ensure_cmd(
     from provisioner.build.ensure import EnsureOptions, ensure
 
     config = make_config(ctx, project)
-    progress = None if as_json or dry_run or not sys.stderr.isatty() else _RichProgress(key)
+    progress: Any = None
+    if options(ctx).verbose >= 2:  # debug lines and a live bar would garble each other
+        progress = _LoggedProgress(key)
+    elif progress_wanted(ctx, as_json) and not dry_run:
+        progress = _RichProgress(key, options(ctx).color_flag)
     result = ensure(config, key, EnsureOptions(
         dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
         allow_cuda_mismatch=allow_cuda_mismatch, progress=progress,
@@ -88,10 +125,11 @@ def verify_cmd(
     if as_json:
         emit_json(report.to_dict())
     elif report.ok:
-        click.echo(f"ok      {key} {report.generation} ({report.packages_checked} packages, "
+        click.echo(f"{status('ok', True)}      {key} {report.generation} "
+                   f"({report.packages_checked} packages, "
                    f"{report.files_checked} files{', deep' if deep else ''})")
     else:
-        click.echo(f"FAILED  {key} {report.generation or ''}".rstrip())
+        click.echo(f"{status('FAILED', False)}  {key} {report.generation or ''}".rstrip())
         for problem in report.problems:
             click.echo(f"  {problem}")
     if not report.ok:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from provisioner.cli.base import cli, emit_json, json_option, make_config, project_options
+from provisioner.cli.base import (
+    cli,
+    emit_json,
+    json_option,
+    make_config,
+    project_options,
+    status,
+)
 from provisioner.errors import EXIT_CHECK_FAILED
 
 
@@ -35,13 +42,15 @@ def lock_cmd(
 
         results = check_locks(config, list(keys) or None)
         if as_json:
-            emit_json({"ok": all(r.ok for r in results), "keys": [r.to_dict() for r in results]})
+            emit_json({"check": True, "ok": all(r.ok for r in results), "keys": [
+                {**r.to_dict(), "lockfile": str(config.locks_dir / Path(r.lockfile).name)}
+                for r in results]})
         else:
             for r in results:
                 if r.ok:
-                    click.echo(f"ok      {r.key}")
+                    click.echo(f"{status('ok', True)}      {r.key}")
                 else:
-                    click.echo(f"STALE   {r.key}: {'; '.join(r.reasons)}")
+                    click.echo(f"{status('STALE', False)}   {r.key}: {'; '.join(r.reasons)}")
         if not all(r.ok for r in results):
             ctx.exit(EXIT_CHECK_FAILED)
         return
@@ -56,8 +65,9 @@ def lock_cmd(
 
         diffs = {o.key: diff_locks(o.old, o.new) for o in outcomes if o.old is not None}
     if as_json:
-        emit_json([{**o.to_dict(), **({"diff": diffs[o.key].to_dict()} if o.key in diffs
-                                        else {})} for o in outcomes])
+        emit_json({"check": False, "ok": True, "keys": [
+            {**o.to_dict(), "diff": diffs[o.key].to_dict() if o.key in diffs else None}
+            for o in outcomes]})
         return
     for o in outcomes:
         counts = ", ".join(f"{p}: {n} conda" + (f" + {o.pip_counts[p]} pip" if p in o.pip_counts
@@ -78,12 +88,15 @@ def show_lock_cmd(
     ctx: click.Context, target: str, project: Path | None, platform: str | None, as_json: bool
 ) -> None:
     """Summarise a conda-lock file (a PATH, or the KEY of a project lock)."""
+    from provisioner.lock.check import lockfile_path
     from provisioner.lock.show import render_summary_text, show_lock
 
     config = make_config(ctx, project)
     summary = show_lock(config, target, platform=platform)
     if as_json:
-        emit_json(summary.to_dict())
+        is_file = Path(target).is_file()
+        path = Path(target).absolute() if is_file else lockfile_path(config.locks_dir, target)
+        emit_json({**summary.to_dict(), "path": str(path), "key": None if is_file else target})
     else:
         for line in render_summary_text(summary):
             click.echo(line)
@@ -119,7 +132,7 @@ def diff_cmd(ctx: click.Context, args: tuple[str, ...], project: Path | None, re
     old, new = Path(args[0]), Path(args[1])
     diff = diff_files(old, new)
     if as_json:
-        emit_json({"old": str(old), "new": str(new), **diff.to_dict()})
+        emit_json({"old": str(old.absolute()), "new": str(new.absolute()), **diff.to_dict()})
     elif markdown:
         click.echo(render_markdown(diff, f"{old.name} -> {new.name}"))
     else:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
 
-from provisioner.cli.base import cli, emit_json, json_option, make_config, project_options, show
+from provisioner.cli.base import (
+    cli,
+    emit_json,
+    json_option,
+    make_config,
+    options,
+    project_options,
+    show,
+)
 from provisioner.errors import EXIT_CHECK_FAILED
 
 
@@ -85,19 +94,37 @@ def health_cmd(ctx: click.Context, key: str | None, project: Path | None, legacy
         ctx.exit(EXIT_CHECK_FAILED)
 
 
-@cli.command("run", context_settings={"ignore_unknown_options": True,
-                                      "allow_interspersed_args": False})
-@project_options
+class _RunCommand(click.Command):
+    """``run MODEL [OPTIONS] -- CMD [ARGS]``: everything after ``--`` is the child's."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            at = args.index("--")
+            args, ctx.meta["provisioner.run.argv"] = args[:at], tuple(args[at + 1:])
+        return super().parse_args(ctx, args)
+
+
+@cli.command("run", cls=_RunCommand)
 @click.argument("model")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@project_options
+@click.option("--policy", type=click.Choice(["prefer", "fallback", "ignore"]), default=None,
+              help="How legacy per-model venvs are used (default: config, else prefer).")
+@click.option("--no-build", is_flag=True, help="Never build; fail if nothing is ready.")
 @click.pass_context
-def run_cmd(ctx: click.Context, project: Path | None, model: str,
-            command: tuple[str, ...]) -> None:
-    """Run COMMAND with MODEL's env first on PATH: run [--project P] MODEL -- CMD [ARGS]."""
+def run_cmd(ctx: click.Context, model: str, project: Path | None, policy: str | None,
+            no_build: bool) -> None:
+    """Run a command with MODEL's env first on PATH: run MODEL [OPTIONS] -- CMD [ARGS].
+
+    Options before -- are provisioner's, everything after it is the command's.
+    provisioner's own log lines stay out of the command's stderr unless -v.
+    """
     from provisioner.models.inventory import run_in_env
 
-    argv = command[1:] if command[:1] == ("--",) else command
-    ctx.exit(run_in_env(make_config(ctx, project), model, argv))
+    if not options(ctx).verbose:
+        logging.getLogger("provisioner").setLevel(logging.ERROR)
+    argv = ctx.meta.get("provisioner.run.argv", ())
+    ctx.exit(run_in_env(make_config(ctx, project), model, argv, policy=policy,
+                        build=not no_build))
 
 
 @cli.command("doctor")

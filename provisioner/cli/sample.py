@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from provisioner.cli.base import cli, emit_json, json_option
+from provisioner.cli.base import cli, emit_json, json_option, options
 
 
 @cli.command("sample")
@@ -16,7 +16,7 @@ def sample_cmd(dest: Path, as_json: bool) -> None:
     """Write a ready, offline sample project (local channel, specs, locks) into DEST."""
     from provisioner.sample.project import create_sample_project
 
-    result = create_sample_project(dest)
+    result = create_sample_project(dest.absolute())
     if as_json:
         emit_json(result.to_dict())
         return
@@ -27,14 +27,17 @@ def sample_cmd(dest: Path, as_json: bool) -> None:
 
 
 @cli.command("demo")
-@click.option("--home", "demo_home", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Empty directory for the demo (default: a new temp dir).")
 @json_option
-def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
-    """Play the four model-load scenarios offline, with a sample channel and an old venv."""
-    from provisioner.sample.demo import run_demo
+@click.pass_context
+def demo_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Play the four model-load scenarios offline, with a sample channel and an old venv.
 
-    report = run_demo(demo_home)
+    The demo's home is --home (or PROVISIONER_HOME), which must be new or empty;
+    without either, a new temp dir.
+    """
+    from provisioner.sample.demo import DEMO_PROJECT, run_demo
+
+    report = run_demo(options(ctx).home)
     if as_json:
         emit_json(report.to_dict())
         return
@@ -51,7 +54,8 @@ def demo_cmd(demo_home: Path | None, as_json: bool) -> None:
     click.echo(f"second model, same key (repeat):  {report.repeat_ms:.1f} ms")
     click.echo(f"shared env on disk:               {report.env_bytes / 1024:.1f} KiB, of which "
                f"{report.hardlinked_bytes / 1024:.1f} KiB hardlinked from the package cache")
-    click.echo(f"demo files are in {report.root}")
+    click.echo(f"demo home (envs, package cache, state): {report.root}")
+    click.echo(f"demo project (specs, locks, old venvs): {report.root / DEMO_PROJECT}")
     if report.inventory is not None:
         from provisioner.models.inventory import render_inventory_text
 

@@ -1,11 +1,10 @@
 """``provisioner diff``: what changed between two locks, GPU-relevant packages first.
 
 A package is identified per platform by ``(manager, name)``; it *changed* when its
-version or build differs. Packages that decide whether a model runs on a GPU host
-(python, pytorch and its CUDA build, CUDA runtime, cudnn, transformers, accelerate,
-bitsandbytes) come first; the rest are counted, and listed in full in JSON and in a
-``<details>`` block of the markdown (a pull-request body). ``diff_git`` compares the
-project's lockfiles (pip layer files included) at a git revision with the working tree.
+version or build differs. GPU-relevant packages (python, pytorch and its CUDA build, CUDA
+runtime, cudnn, transformers, accelerate, bitsandbytes) come first; every other one is
+named too (folded in markdown). ``diff_git`` compares the project's lockfiles (pip layers
+included) at a git revision with the working tree.
 """
 
 from __future__ import annotations
@@ -111,6 +110,7 @@ class PlatformDiff:
     unchanged_count: int
     gpu_unchanged: tuple[PackageChange, ...] = ()
     presence: str = "both"
+    other_unchanged: tuple[str, ...] = ()  # labels of the unchanged packages not GPU-relevant
 
     @property
     def counts(self) -> dict[str, int]:
@@ -141,6 +141,7 @@ class PlatformDiff:
             "platform": self.platform, "presence": self.presence, "counts": self.counts,
             "gpu_relevant": [c.to_dict() for c in self.gpu_changes()],
             "gpu_unchanged": [c.to_dict() for c in self.gpu_unchanged],
+            "other_unchanged": list(self.other_unchanged),
             "others": [c.to_dict() for c in self.other_changes()],
         }
 
@@ -227,6 +228,7 @@ def diff_platform(old: LockData, new: LockData, platform: str) -> PlatformDiff:
         changed=tuple(sorted(changed, key=_sort_key)), unchanged_count=len(same),
         gpu_unchanged=tuple(sorted((c for c in same if c.gpu_relevant), key=_sort_key)),
         presence="both" if in_old and in_new else "added" if in_new else "removed",
+        other_unchanged=tuple(sorted(c.label for c in same if not c.gpu_relevant)),
     )
 
 
@@ -352,6 +354,9 @@ def render_text(diff: LockDiff, title: str | None = None) -> list[str]:
         if pd.gpu_unchanged:
             lines.append("  unchanged: " + ", ".join(
                 f"{c.label} {_text(c.new_version, c.new_build)}" for c in pd.gpu_unchanged))
+        if pd.other_unchanged:
+            lines.append(f"  {len(pd.other_unchanged)} other unchanged: "
+                         + ", ".join(pd.other_unchanged))
         others = pd.other_changes()
         if others:
             lines.append(f"  {len(others)} other package(s): {_others_text(others)}")

@@ -48,11 +48,11 @@ class LockOutcome:
     def to_dict(self) -> dict[str, object]:
         return {
             "key": self.key,
-            "lockfile": self.lockfile.name,
+            "lockfile": str(self.lockfile),
             "changed": self.changed,
             "conda_packages": self.counts,
             "pip_packages": self.pip_counts,
-            "pip_files": [p.name for p in self.pip_files],
+            "pip_files": [str(p) for p in self.pip_files],
         }
 
 

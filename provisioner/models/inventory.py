@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from provisioner import fsops, processes
@@ -23,7 +23,7 @@ from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
 from provisioner.models.legacy import LegacyEnv, discover_legacy
-from provisioner.models.migrate import human_bytes
+from provisioner.models.migrate import human_bytes, iso_time
 from provisioner.models.probe import Health
 from provisioner.models.state import StateFile
 
@@ -56,7 +56,7 @@ class SharedEnvRow(PlainRecord):
     prefix: Path
     size_bytes: int
     created_at: str | None
-    last_used: float | None
+    last_used: str | None  # ISO 8601, like created_at
     models: tuple[str, ...]
 
 
@@ -98,6 +98,7 @@ def _built_keys(layout: HomeLayout) -> list[str]:
 def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
     layout = HomeLayout(config.home)
     models = state.section("models")
+    migrations = state.section("migrations")
     rows = []
     for key in _built_keys(layout):
         active = read_pointer(layout, key)
@@ -107,12 +108,33 @@ def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
                      and e.get("env_key") == key and e.get("source") == "shared"
                      and e.get("generation") == gen_dir.name}
             used = [float(e.get("last_used", 0)) for e in users.values()]
+            moved = {m for m, e in migrations.items() if isinstance(e, dict)
+                     and e.get("key") == key and e.get("generation") == gen_dir.name
+                     and not _served_elsewhere_since(models.get(m), e, key, gen_dir.name)}
             fp = read_fingerprint(gen_dir)
             rows.append(SharedEnvRow(
                 key, gen_dir.name, gen_dir.name == active, gen_dir, fsops.tree_size(gen_dir),
-                fp.created_at if fp else None, max(used) if used else None, tuple(sorted(users)),
+                fp.created_at if fp else None, iso_time(max(used)) if used else None,
+                tuple(sorted(set(users) | moved)),
             ))
     return rows
+
+
+def _served_elsewhere_since(last: object, migration: dict[str, object], key: str,
+                            generation: str) -> bool:
+    """Whether a model's last load, after its migration to ``key``, used another env.
+
+    A migrated model belongs to its key from the migration on, even before its next load.
+    """
+    if not isinstance(last, dict) or (last.get("env_key"), last.get("generation")) == (
+            key, generation):
+        return False
+    try:
+        migrated_at = datetime.fromisoformat(str(migration.get("at"))).timestamp()
+    except ValueError:
+        return False
+    # "at" is whole seconds; a load in the migration's own second came before it.
+    return float(last.get("last_used", 0)) >= migrated_at + 1
 
 
 def _legacy_health(config: Config, state: StateFile, env: LegacyEnv, *, probe: bool,
@@ -165,7 +187,8 @@ class HealthRow:
 
     def to_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "name": self.name, "key": self.key,
-                "path": str(self.path) if self.path else None, **self.health.to_dict()}
+                "path": str(self.path) if self.path else None, **self.health.to_dict(),
+                "checked_at": iso_time(self.health.checked_at)}
 
 
 def _shared_health(config: Config, key: str) -> HealthRow:
@@ -227,14 +250,15 @@ class RunPlan(PlainRecord):
 
 
 def prepare_run(config: Config, model: str, argv: Sequence[str], *,
-                is_windows: bool | None = None) -> RunPlan:
+                is_windows: bool | None = None, policy: str | None = None,
+                build: bool = True) -> RunPlan:
     """Resolve ``model``'s env and build the environment that puts its bin dir first on PATH."""
     from provisioner.models.resolve import get_env_for_model
 
     if not argv:
         raise UserError("no command to run", hint="provisioner run MODEL -- CMD [ARGS...]")
     windows = sys.platform == "win32" if is_windows is None else is_windows
-    res = get_env_for_model(model, config=config)
+    res = get_env_for_model(model, config=config, policy=policy, build=build)
     python, prefix = Path(res.python), Path(res.prefix)
     dirs = [python.parent]
     if windows and res.source == "shared":
@@ -246,9 +270,10 @@ def prepare_run(config: Config, model: str, argv: Sequence[str], *,
     return RunPlan(model, res.env_key, res.source, python, prefix, prepend, tuple(argv), env)
 
 
-def run_in_env(config: Config, model: str, argv: Sequence[str]) -> int:
+def run_in_env(config: Config, model: str, argv: Sequence[str], *, policy: str | None = None,
+               build: bool = True) -> int:
     """Run ``argv`` in ``model``'s env with the terminal attached; return its exit code."""
-    plan = prepare_run(config, model, argv)
+    plan = prepare_run(config, model, argv, policy=policy, build=build)
     return processes.run_passthrough(plan.argv, plan.env)
 
 
@@ -257,16 +282,10 @@ def _columns(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-def _when(epoch: float | None) -> str:
-    if not epoch:
-        return "-"
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
-
-
 def render_inventory_text(inv: Inventory) -> list[str]:
     """The inventory as aligned plain-text columns."""
     shared = [[r.key, r.generation, "*" if r.active else "", human_bytes(r.size_bytes),
-               r.created_at or "?", _when(r.last_used), ",".join(r.models) or "-"]
+               r.created_at or "?", r.last_used or "-", ",".join(r.models) or "-"]
               for r in inv.shared]
     legacy = [[r.model_id, r.health + (" (cached)" if r.cached else ""),
                human_bytes(r.size_bytes), r.migration_target or "?"] for r in inv.legacy]
@@ -280,11 +299,12 @@ def render_inventory_text(inv: Inventory) -> list[str]:
 
 
 def render_health_text(rows: Sequence[HealthRow]) -> list[str]:
-    """One line per probed env, reasons indented below."""
+    """One aligned line per probed env, reasons indented below."""
     if not rows:
         return ["nothing to check"]
+    table = _columns([[r.health.status, r.kind, r.name, str(r.path or "")] for r in rows])
     lines = []
-    for r in rows:
-        lines.append(f"{r.health.status:9} {r.kind:7} {r.name}  {r.path or ''}".rstrip())
+    for line, r in zip(table, rows, strict=True):
+        lines.append(line)
         lines += [f"  {why}" for why in r.health.reasons]
     return lines

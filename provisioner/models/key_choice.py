@@ -9,6 +9,7 @@ met when that version satisfies it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from provisioner.config import Config
 from provisioner.errors import ResolutionError
 from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec
 from provisioner.models.rules import load_model_rules
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,12 @@ def key_for_model(config: Config, model_id: str) -> KeyChoice:
                 return KeyChoice(spec.key, f"{rule.pattern} -> env {spec.key}",
                                  spec.provides, spec.imports)
             reasons.append(f"rule {rule.pattern} names unknown key {rule.env}")
+            log.debug("%s: rule %s names unknown key %s; next rule", model_id, rule.pattern,
+                      rule.env)
             continue
         key, why = choose_key(rule.requires, specs)
+        log.debug("%s: rule %s requires %s -> %s", model_id, rule.pattern,
+                  ", ".join(rule.requires), key or f"no key ({why})")
         if key is not None:
             spec = by_key[key]
             return KeyChoice(key, f"{rule.pattern} requires {', '.join(rule.requires)}",

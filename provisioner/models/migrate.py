@@ -91,7 +91,9 @@ class MigrationResult:
             "model_id": self.model_id, "key": self.key, "status": self.status,
             "reason": self.reason, "legacy_dir": str(self.legacy_dir),
             "generation": self.generation, "deleted": self.deleted,
-            "bytes_reclaimed": self.bytes_reclaimed, "health": self.health,
+            "bytes_reclaimed": self.bytes_reclaimed,
+            "health": {**self.health, "checked_at": iso_time(self.health.get("checked_at"))}
+            if self.health else None,
         }
 
 
@@ -183,7 +185,7 @@ def migrate(config: Config, *, model: str | None = None, all_: bool = False,
     plan = plan_migration(config, model=model, all_=all_, delete_legacy=delete_legacy)
     if dry_run:
         for item in plan.items:
-            log.info("plan %s: %s", item.model_id, "; ".join(item.actions))
+            log.debug("plan %s: %s", item.model_id, "; ".join(item.actions))
         return MigrationReport(plan, dry_run=True)
     state = StateFile(HomeLayout(config.home).state_file)
     results = []
@@ -262,6 +264,13 @@ def _delete_legacy(config: Config, directory: Path) -> int:
     fsops.safe_rmtree(directory)
     log.info("deleted %s (%d bytes) in %.2f s", directory, size, time.monotonic() - started)
     return size
+
+
+def iso_time(epoch: object) -> str | None:
+    """An epoch time as ISO 8601 in UTC, to the second (None for none)."""
+    if not isinstance(epoch, (int, float)) or not epoch:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
 
 def human_bytes(size: int | None) -> str:

@@ -136,6 +136,9 @@ def _resolve(cfg: Config, state: StateFile, model_id: str, build: bool,
     policy = cfg.legacy_policy
     lock_hash = cached_lock_hash(cfg, state, key, platform)
     active = active_env(cfg, key)
+    built = f"built from {(active[2] or '-')[:12]}" if active else "none"
+    log.debug("%s: env key %s, legacy policy %s, lock %s, active env %s", model_id, key, policy,
+              (lock_hash or "-")[:12], built)
     stale: tuple[Path, str] | None = None
     if active is not None:
         prefix, gen, built_from = active

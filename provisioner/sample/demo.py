@@ -27,6 +27,7 @@ HEALTHY_MODEL = "meta-llama/Llama-2-7b-hf"  # -> sample-cu121-transformers-bnb, 
 NEW_MODEL = "mistralai/Mistral-7B-v0.1"  # -> sample-cu121-transformers, nothing built yet
 SAME_KEY_MODEL = "mistralai/Mixtral-8x7B-v0.1"  # -> the same key, by a glob rule
 DEGRADED_MODEL = "gpt2"  # -> sample-cpu-transformers, old venv with outdated transformers
+DEMO_PROJECT = "demo-project"  # the sample project and its old venvs, inside the demo's home
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class DemoReport:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "root": str(self.root),
+            "home": str(self.root),
+            "project": str(self.root / DEMO_PROJECT),
             "scenarios": [s.to_dict() for s in self.scenarios],
             "build_seconds": round(self.build_seconds, 3),
             "reuse_ms": round(self.reuse_ms, 3),
@@ -70,12 +72,12 @@ def _prepare(root: Path) -> Config:
     from provisioner.sample.legacy_venvs import make_legacy_venv
     from provisioner.sample.project import create_sample_project
 
-    project = root / "project"
+    project = root / DEMO_PROJECT
     log.info("demo: writing the sample channel, specs and locks into %s", project)
     create_sample_project(project)
     with (project / "environment-specs" / "models.yml").open("a", encoding="utf-8") as fh:
         fh.write("- model: mistralai/*\n  requires: [transformers>=4.36, cuda==12.1]\n")
-    config = load_config(project, home=root / "home", environ={})
+    config = load_config(project, home=root, environ={})
     assert config.legacy_root is not None
     log.info("demo: creating old per-model venvs under %s", config.legacy_root)
     make_legacy_venv(config.legacy_root, HEALTHY_MODEL, {
@@ -87,13 +89,19 @@ def _prepare(root: Path) -> Config:
 
 
 def run_demo(root: Path | None = None) -> DemoReport:
-    """Play the four scenarios under ``root`` (default: a new temp dir) and report."""
+    """Play the four scenarios with ``root`` as the home (default: a new temp dir) and report.
+
+    The envs are built in ``root`` itself (it is the demo's home), the sample project
+    and its old venvs go to ``root/demo-project``. ``root`` must be new or empty: the
+    demo must never mix its sample models into a real home's state.
+    """
     from provisioner import fsops
 
     if root is None:
         root = Path(tempfile.mkdtemp(prefix="provisioner-demo-"))
     elif root.exists() and any(root.iterdir()):
-        raise UserError(f"{root} is not empty", hint="give --home a new or empty directory")
+        raise UserError(f"{root} is not empty; the demo needs a new or empty home",
+                        hint="give --home a new or empty directory (or unset PROVISIONER_HOME)")
     root = root.absolute()
     if "CONDA_OVERRIDE_CUDA" not in os.environ:
         # The sample CUDA keys need a CUDA 12.1 driver; pretend one, as CI runners do.
@@ -119,7 +127,7 @@ def run_demo(root: Path | None = None) -> DemoReport:
 
     log.info("demo (4/4): %s, and its channel mirror is unreachable (forced failure)",
              DEGRADED_MODEL)
-    broken_mirror = root / "unreachable-mirror"
+    broken_mirror = root / DEMO_PROJECT / "unreachable-mirror"
     failing = config.with_overrides(channel_mirrors={"provisioner-sample": str(broken_mirror)})
     broken_mirror.mkdir()
     scenarios.append(Scenario("build failed, old env in degraded mode",

@@ -503,7 +503,7 @@ def test_lock_timeout_names_the_lock_and_exits_2(project: Path, tmp_path: Path) 
         holder.wait(timeout=PROC_TIMEOUT_S)
     assert rc == 2, err
     assert 1.0 <= wall < 2.0, wall
-    assert out == ""
+    assert json.loads(out)["error"]["type"] == "LockTimeoutError"  # --json: the error as JSON
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err

@@ -163,7 +163,7 @@ def test_relock_of_the_sample_is_unchanged(project: Path, env: dict[str, str]) -
     before = snapshot(project / "lockfiles")
     result = run(["lock", "--json"], project, env)
     assert result.returncode == 0, result.stderr
-    outcomes = json.loads(result.stdout)
+    outcomes = json.loads(result.stdout)["keys"]
     assert [o["key"] for o in outcomes] == ALL_KEYS
     assert [o["changed"] for o in outcomes] == [False, False, False]
     assert all(set(o["conda_packages"]) == set(sample_platforms()) for o in outcomes)
@@ -348,7 +348,8 @@ def test_show_lock_key_in_sample_project(
 
     as_json = json.loads(run(["show-lock", CU121, "--json", "--platform", "win-64"],
                              sample_dir, env).stdout)
-    assert as_json["path"] == CU121
+    assert as_json["path"] == str(sample_dir / "lockfiles" / f"{CU121}.conda-lock.yml")
+    assert as_json["key"] == CU121
     [win] = as_json["per_platform"]
     assert win["platform"] == "win-64"
     assert win["pytorch_cuda"] == "12.1"

@@ -276,7 +276,8 @@ def test_cli_check_json_is_machine_readable(project: Path, tmp_path: Path) -> No
     assert list(by_key) == ALL_KEYS
     assert by_key[CU121_BNB] == {
         "key": CU121_BNB, "ok": True, "reasons": [],
-        "lockfile": f"lockfiles/{CU121_BNB}.conda-lock.yml", "platforms": sample_platforms(),
+        "lockfile": str(project / "lockfiles" / f"{CU121_BNB}.conda-lock.yml"),
+        "platforms": sample_platforms(),
     }
     assert "platform osx-64 is not locked" in by_key[CPU]["reasons"]
     assert by_key[CU121]["ok"] is False

@@ -350,7 +350,8 @@ def test_cli_resolve_json_in_the_demo_scenarios(world: World) -> None:
     world.corrupt("accelerate-0.26.1-pyh_sample_0.tar.bz2")
     shutil.rmtree(world.legacy_root / "local_mistralai--Mistral-7B-v0.1")
     proc = _cli(world, MISTRAL)
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["error"]["type"] == "ResolutionError"  # --json: on stdout
     assert "error: no environment can serve model" in proc.stderr
 
 
