@@ -22,9 +22,12 @@ from pathlib import Path
 
 from provisioner import fsops
 from provisioner.build.backends import ProgressSink, choose_backend
-from provisioner.config import Config
-from provisioner.build.env_checks import check_imports, check_records, find_staging_path, site_packages
-from provisioner.errors import BuildError, CudaMismatchError, ProvisionerError
+from provisioner.build.env_checks import (
+    check_imports,
+    check_records,
+    find_staging_path,
+    site_packages,
+)
 from provisioner.build.fingerprint import (
     Fingerprint,
     mark_in_progress,
@@ -34,8 +37,10 @@ from provisioner.build.fingerprint import (
 )
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
-from provisioner.lock.lockfile import LockedPackage
 from provisioner.build.plan import EnsurePlan, make_plan
+from provisioner.config import Config
+from provisioner.errors import BuildError, CudaMismatchError, ProvisionerError
+from provisioner.lock.lockfile import LockedPackage
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +151,7 @@ def _discard(layout: HomeLayout, path: Path) -> None:
 
 def _dry_run(config: Config, plan: EnsurePlan, opts: EnsureOptions, start: float) -> EnsureResult:
     from provisioner.build.artifacts import locate_sizes
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
 
     choice = choose_backend(opts.backend, config.backend, plan.platform)
     details: dict[str, object] = {}
@@ -163,10 +168,10 @@ def _dry_run(config: Config, plan: EnsurePlan, opts: EnsureOptions, start: float
 def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOptions,
            start: float, waited: float) -> EnsureResult:
     from provisioner.build.artifacts import verify_artifacts
-    from provisioner.lock.channels import resolve_channels
-    from provisioner.lock.conda_lock_io import read_lockfile
     from provisioner.build.cuda import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
+    from provisioner.lock.channels import resolve_channels
     from provisioner.lock.check import check_key, platform_virtual_packages
+    from provisioner.lock.reader import read_lockfile
     from provisioner.lock.spec import load_spec
 
     log.info("%s %s: %s", plan.action, plan.key, plan.reason)

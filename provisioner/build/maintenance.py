@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Literal
 
 from provisioner import fsops
-from provisioner.config import Config
 from provisioner.build.env_checks import check_files, check_records
-from provisioner.errors import LockTimeoutError, ProvisionerError
 from provisioner.build.fingerprint import fingerprint_path, in_progress_path, read_fingerprint
 from provisioner.build.key_lock import hold_key_lock, is_key_locked
-from provisioner.keys import validate_env_key
 from provisioner.build.layout import POINTER_NAME, HomeLayout, generation_name, read_pointer
-from provisioner.lock.check import lockfile_path
 from provisioner.build.plan import locked_hash
+from provisioner.config import Config
+from provisioner.errors import LockTimeoutError, ProvisionerError
+from provisioner.keys import validate_env_key
+from provisioner.lock.check import lockfile_path
 from provisioner.lock.platforms import host_platform
 
 # How many missing or altered files a problem line names before summarising.
@@ -106,7 +106,7 @@ def verify_env(config: Config, key: str, *, deep: bool = False) -> VerifyReport:
     report with the problem ``not built``. A missing or malformed lockfile, or
     an invalid key, raises a :class:`~provisioner.errors.UserError`.
     """
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
 
     validate_env_key(key)
     platform = host_platform()

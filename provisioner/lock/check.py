@@ -15,8 +15,9 @@ from pathlib import Path
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
-from provisioner.lock.lockfile import lockfile_path, pip_lock_path, read_lock_header
+from provisioner.lock.lockfile import lockfile_path, pip_lock_path
 from provisioner.lock.platforms import VirtualPackages, virtual_packages_for
+from provisioner.lock.reader import read_lock_header
 from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec
 
 HASH_SCHEMA = 1

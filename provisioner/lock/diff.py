@@ -24,8 +24,8 @@ from provisioner import fsops, processes
 from provisioner.config import Config
 from provisioner.errors import InvalidKeyError, UserError
 from provisioner.keys import validate_env_key
-from provisioner.lock.conda_lock_io import read_lockfile
 from provisioner.lock.lockfile import LockData, LockedPackage
+from provisioner.lock.reader import read_lockfile
 from provisioner.lock.show import _cuda_line, with_pip_layer
 
 #: GPU-relevant packages (conda or PyPI names), in the order they are reported.

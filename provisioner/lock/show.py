@@ -127,7 +127,7 @@ def show_lock(config: Config, target: str, *, platform: str | None = None) -> Lo
     """Summarise ``target``: a lockfile path, or the key of one of the project's locks."""
     from provisioner.keys import validate_env_key
     from provisioner.lock.check import lockfile_path
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
 
     path = Path(target)
     if path.is_file():

@@ -71,7 +71,7 @@ def _preferred_records(
 
 
 def _read_existing(path: Path) -> LockData | None:
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
 
     if not path.is_file():
         return None

@@ -19,14 +19,14 @@ import pytest
 from provisioner.build import artifacts
 from provisioner.build.artifacts import locate_sizes, sha256_file, verify_artifacts
 from provisioner.build.ensure import ensure
-from provisioner.lock.channels import ChannelSource, resolve_channels
-from provisioner.lock.conda_lock_io import read_lockfile
 from provisioner.config import Config, load_config
 from provisioner.errors import BuildError, IntegrityError, LockfileError
+from provisioner.lock.channels import ChannelSource, resolve_channels
 from provisioner.lock.lockfile import LockData, LockedPackage
 from provisioner.lock.platforms import host_platform
-from provisioner.sample.stack import SAMPLE_CHANNEL
+from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
+from provisioner.sample.stack import SAMPLE_CHANNEL
 
 CPU = "sample-cpu-transformers"
 

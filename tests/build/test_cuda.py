@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.lock.conda_lock_io import read_lockfile
 from provisioner.build.cuda import (
     CudaCheck,
     compare_cuda,
@@ -14,6 +13,7 @@ from provisioner.build.cuda import (
     mismatch_hint,
     required_cuda,
 )
+from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 
 

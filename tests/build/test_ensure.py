@@ -23,16 +23,7 @@ import pytest
 from provisioner import fsops
 from provisioner.build import key_lock as keylock
 from provisioner.build.ensure import EnsureOptions, EnsureResult, ensure
-from provisioner.lock.conda_lock_io import read_lockfile
-from provisioner.config import Config, load_config
 from provisioner.build.env_checks import find_staging_path
-from provisioner.errors import (
-    BuildError,
-    CudaMismatchError,
-    IntegrityError,
-    LockfileError,
-    LockTimeoutError,
-)
 from provisioner.build.fingerprint import (
     fingerprint_path,
     in_progress_path,
@@ -40,10 +31,18 @@ from provisioner.build.fingerprint import (
     read_fingerprint,
 )
 from provisioner.build.layout import HomeLayout, read_pointer
-from provisioner.lock.write import lock_envs
-from provisioner.lock.lockfile import read_lock_header
 from provisioner.build.plan import make_plan
+from provisioner.config import Config, load_config
+from provisioner.errors import (
+    BuildError,
+    CudaMismatchError,
+    IntegrityError,
+    LockfileError,
+    LockTimeoutError,
+)
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lock_header, read_lockfile
+from provisioner.lock.write import lock_envs
 from provisioner.sample.project import SampleProject, create_sample_project
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 from provisioner.build.ensure import EnsureResult, ensure
-from provisioner.lock.conda_lock_io import read_lockfile
-from provisioner.config import load_config
 from provisioner.build.env_checks import (
     check_files,
     check_imports,
@@ -19,8 +17,10 @@ from provisioner.build.env_checks import (
     find_staging_path,
     site_packages,
 )
+from provisioner.config import load_config
 from provisioner.lock.lockfile import LockedPackage
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")

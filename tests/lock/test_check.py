@@ -25,7 +25,7 @@ from provisioner.lock.check import (
     lockfile_path,
     pip_lock_path,
 )
-from provisioner.lock.lockfile import read_lock_header
+from provisioner.lock.reader import read_lock_header
 from provisioner.lock.spec import load_spec
 from provisioner.lock.write import lock_envs
 from provisioner.sample.project import sample_platforms, write_sample_project

@@ -27,7 +27,7 @@ from provisioner.lock.check import (
     lockfile_path,
     pip_lock_path,
 )
-from provisioner.lock.lockfile import LockedPackage, read_lock_header
+from provisioner.lock.lockfile import LockedPackage
 from provisioner.lock.pip_layer import (
     PipPin,
     conda_provided,
@@ -38,6 +38,7 @@ from provisioner.lock.pip_layer import (
     sha256_text,
 )
 from provisioner.lock.platforms import virtual_packages_for
+from provisioner.lock.reader import read_lock_header
 from provisioner.lock.spec import load_spec
 from provisioner.lock.write import lock_envs
 from provisioner.sample.project import sample_platforms, write_sample_project

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from provisioner.errors import EXIT_USER_ERROR, LockfileError, UserError
-from provisioner.lock.conda_lock_io import read_lockfile
-from provisioner.lock.lockfile import LockData, LockedPackage, read_lock_header
+from provisioner.lock.lockfile import LockData, LockedPackage
+from provisioner.lock.reader import read_lock_header, read_lockfile
 from provisioner.lock.show import (
     LockSummary,
     PlatformSummary,
