@@ -211,7 +211,8 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
         site = site_packages(target, py_version, plan.platform)
         if spec.pip:
             vps = platform_virtual_packages(spec, plan.platform)
-            _install_pip(config, plan, site, py_version, vps)
+            _install_pip(config, plan, site, py_version, vps,
+                         lock.for_platform(plan.platform, "pip"))
         fault_point("after-pip")
         _verify_stage(target, final, packages, spec.imports, site, plan)
         fault_point("before-fingerprint")
@@ -240,16 +241,14 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
 
 
 def _install_pip(config: Config, plan: EnsurePlan, site: Path, py_version: str,
-                 vps: dict[str, tuple[str, str]]) -> None:
-    from provisioner.lock.check import pip_lock_path
+                 vps: dict[str, tuple[str, str]], entries: Sequence[LockedPackage]) -> None:
     from provisioner.lock.pip_layer import install_pip_layer
 
-    pip_lock = pip_lock_path(config.locks_dir, plan.key, plan.platform)
-    if not pip_lock.is_file():
-        raise BuildError(f"{plan.key}: the spec has a pip: section but {pip_lock.name} is missing",
-                         hint=f"run 'provisioner lock {plan.key}'")
+    if not entries:
+        raise BuildError(f"{plan.key}: the spec has a pip: section but the lock has no pip "
+                         f"entries for {plan.platform}", hint=f"run 'provisioner lock {plan.key}'")
     site.mkdir(parents=True, exist_ok=True)
-    count = install_pip_layer(pip_lock=pip_lock, site_packages=site, python_version=py_version,
+    count = install_pip_layer(entries=entries, site_packages=site, python_version=py_version,
                               platform=plan.platform, virtual_packages=vps, settings=config.pip)
     log.info("installed %d pip wheel(s) with uv", count)
 

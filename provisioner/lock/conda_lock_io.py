@@ -53,3 +53,23 @@ def write_lockfile(path: Path, data: LockData) -> None:
         ),
     )
     write_conda_lock_file(lock, path, metadata_choices=None)
+
+
+#: conda-forge's PyPI <-> conda name mapping, vendored (see pypi_mapping.md); conda-lock
+#: otherwise downloads it as soon as a spec has a ``pip:`` section.
+MAPPING_PATH = Path(__file__).with_name("pypi_mapping.json")
+
+
+def conda_lock_content_hashes(spec_file: Path, cuda: str | None) -> dict[str, str]:
+    """conda-lock's ``content_hash`` per platform, computed by conda-lock itself.
+
+    This is what ``conda-lock lock -f <spec_file> --with-cuda <cuda>`` writes
+    (``--with-cuda`` left out: conda-lock's default ``__cuda``), offline.
+    """
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import default_virtual_package_repodata
+
+    spec = make_lock_spec(src_files=[spec_file], mapping_url=str(MAPPING_PATH))
+    repodata = default_virtual_package_repodata(cuda_version=cuda or "default")
+    return dict(compute_content_hashes(spec, repodata))

@@ -26,7 +26,7 @@ from provisioner.errors import InvalidKeyError, UserError
 from provisioner.keys import validate_env_key
 from provisioner.lock.lockfile import LockData, LockedPackage
 from provisioner.lock.reader import read_lockfile
-from provisioner.lock.show import _cuda_line, with_pip_layer
+from provisioner.lock.show import _cuda_line
 
 #: GPU-relevant packages (conda or PyPI names), in the order they are reported.
 GPU_PACKAGES = (
@@ -280,13 +280,12 @@ def _read_project_lock(locks_dir: Path, key: str) -> LockData:
     path = locks_dir / f"{key}{_LOCK_SUFFIX}"
     if not path.is_file():
         return _EMPTY
-    return with_pip_layer(read_lockfile(path, check_hashes=False), locks_dir, key)
+    return read_lockfile(path, check_hashes=False)
 
 
 def _lock_at(project: Path, commit: str, locks_dir: str, names: list[str], key: str) -> LockData:
-    """``key``'s lock (and pip layer files) at ``commit``, via a scratch copy."""
-    wanted = [n for n in names if n == f"{key}{_LOCK_SUFFIX}"
-              or (n.startswith(f"{key}.") and n.endswith(".pip.txt"))]
+    """``key``'s lock at ``commit``, via a scratch copy."""
+    wanted = [n for n in names if n == f"{key}{_LOCK_SUFFIX}"]
     if f"{key}{_LOCK_SUFFIX}" not in wanted:
         return _EMPTY
     with tempfile.TemporaryDirectory(prefix="provisioner-diff-") as scratch:
@@ -305,7 +304,7 @@ def diff_git(
     """Compare the project's locks at git revision ``rev`` with the working tree.
 
     ``keys`` defaults to every key whose lockfile exists at ``rev`` or now.
-    Pip layer files (``<key>.<platform>.pip.txt``) count as pip packages.
+    The pip layer is the locks' ``manager: pip`` entries.
     """
     project, locks = config.project, config.locks_dir.name
     if not project.is_dir():

@@ -97,8 +97,3 @@ def validate_hashes(pkg: LockedPackage, source: str) -> None:
 def lockfile_path(locks_dir: Path, key: str) -> Path:
     """``lockfiles/<key>.conda-lock.yml``."""
     return locks_dir / f"{key}.conda-lock.yml"
-
-
-def pip_lock_path(locks_dir: Path, key: str, platform: str) -> Path:
-    """``lockfiles/<key>.<platform>.pip.txt``: the hash-pinned pip layer."""
-    return locks_dir / f"{key}.{platform}.pip.txt"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.config import Config
@@ -134,27 +134,7 @@ def show_lock(config: Config, target: str, *, platform: str | None = None) -> Lo
         return summarize_lock(read_lockfile(path), path=str(target), platform=platform)
     key = validate_env_key(target)
     data = read_lockfile(lockfile_path(config.locks_dir, key))
-    return summarize_lock(with_pip_layer(data, config.locks_dir, key), path=key, platform=platform)
-
-
-def with_pip_layer(data: LockData, locks_dir: Path, key: str) -> LockData:
-    """``data`` plus the hash-pinned pip layer files that sit beside a project lock."""
-    from provisioner.lock.check import pip_lock_path
-    from provisioner.lock.pip_layer import parse_pip_lock
-
-    extra = []
-    for platform in data.platforms:
-        pip_file = pip_lock_path(locks_dir, key, platform)
-        if not pip_file.is_file():
-            continue
-        for pin in parse_pip_lock(pip_file.read_text(encoding="utf-8")):
-            extra.append(
-                LockedPackage(
-                    name=pin.name, version=pin.version, manager="pip", platform=platform,
-                    url="", sha256=pin.hashes[0].removeprefix("sha256:") if pin.hashes else None,
-                )
-            )
-    return replace(data, packages=data.packages + tuple(extra))
+    return summarize_lock(data, path=key, platform=platform)
 
 
 def render_summary_text(summary: LockSummary) -> list[str]:

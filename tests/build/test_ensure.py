@@ -704,8 +704,10 @@ def test_pip_layer_is_installed_with_uv_from_local_wheels(
     project: SampleProject, tmp_path: Path
 ) -> None:
     dest = _project_with_pip_layer(project, tmp_path)
-    pip_lock = dest / "lockfiles" / f"{CPU}.linux-64.pip.txt"
-    assert "tinywheel==1.0" in pip_lock.read_text(encoding="utf-8")
+    assert not list((dest / "lockfiles").glob("*.pip.txt"))  # the lock alone holds the layer
+    lock = read_lockfile(dest / "lockfiles" / f"{CPU}.conda-lock.yml")
+    assert [(p.name, p.version) for p in lock.for_platform(host_platform(), "pip")] == [
+        ("tinywheel", "1.0")]
     config = config_for(dest, tmp_path)
     result = ensure(config, CPU)
     assert result.action == "build"
@@ -724,13 +726,13 @@ def test_pip_layer_hash_mismatch_fails_the_build_before_promotion(
     project: SampleProject, tmp_path: Path
 ) -> None:
     from provisioner.errors import PipLayerError
-    from provisioner.lock.check import pip_lock_path
 
     dest = _project_with_pip_layer(project, tmp_path)
-    pip_lock = pip_lock_path(dest / "lockfiles", CPU, "linux-64")
-    text = pip_lock.read_text(encoding="utf-8")
-    digest = text.split("--hash=sha256:")[1][:64]
-    pip_lock.write_text(text.replace(digest, "0" * 64), encoding="utf-8")
+    lock_path = dest / "lockfiles" / f"{CPU}.conda-lock.yml"
+    [entry] = read_lockfile(lock_path).for_platform(host_platform(), "pip")
+    assert entry.sha256
+    text = lock_path.read_text(encoding="utf-8")
+    lock_path.write_text(text.replace(entry.sha256, "f" * 64), encoding="utf-8")
     config = config_for(dest, tmp_path)
     with pytest.raises(PipLayerError, match="could not install the pip layer"):
         ensure(config, CPU)
