@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner import fsops
+from provisioner.config import Config
+from provisioner.errors import BuildError, IntegrityError, LockfileError
 from provisioner.lock.channels import (
     ChannelSource,
     file_url_to_path,
@@ -26,8 +28,6 @@ from provisioner.lock.channels import (
     resolve_channels,
     source_for_url,
 )
-from provisioner.config import Config
-from provisioner.errors import BuildError, IntegrityError, LockfileError
 from provisioner.lock.lockfile import LockData, LockedPackage
 
 log = logging.getLogger(__name__)

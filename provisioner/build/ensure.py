@@ -22,6 +22,7 @@ from pathlib import Path
 
 from provisioner import fsops
 from provisioner.build.backends import ProgressSink, choose_backend
+from provisioner.build.cuda import CudaCheck
 from provisioner.build.env_checks import (
     check_imports,
     check_records,
@@ -40,7 +41,7 @@ from provisioner.build.layout import HomeLayout, python_path
 from provisioner.build.plan import EnsurePlan, make_plan
 from provisioner.config import Config
 from provisioner.errors import BuildError, CudaMismatchError, ProvisionerError
-from provisioner.lock.lockfile import LockedPackage
+from provisioner.lock.lockfile import LockData, LockedPackage
 
 log = logging.getLogger(__name__)
 
@@ -155,20 +156,34 @@ def _dry_run(config: Config, plan: EnsurePlan, opts: EnsureOptions, start: float
 
     choice = choose_backend(opts.backend, config.backend, plan.platform)
     details: dict[str, object] = {}
+    cuda = None
     if plan.action != "reuse":
         lock = read_lockfile(plan.lockfile)
+        cuda = _cuda_gate(plan, lock, opts).to_dict()  # refuses as the real run would
         packages = lock.for_platform(plan.platform, "conda")
         details = {"packages_to_link": len(packages), **locate_sizes(config, lock, packages)}
     plan = replace(plan, details=details)
     return replace(
-        _result(plan, plan.action, start, choice.backend.name, choice.reason), dry_run=True
+        _result(plan, plan.action, start, choice.backend.name, choice.reason, cuda=cuda),
+        dry_run=True,
     )
+
+
+def _cuda_gate(plan: EnsurePlan, lock: LockData, opts: EnsureOptions) -> CudaCheck:
+    """The host's CUDA driver against what the lock needs; raises unless allowed."""
+    from provisioner.build.cuda import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
+
+    cuda = compare_cuda(required_cuda(lock, plan.platform), host_cuda_version())
+    if not cuda.ok:
+        if not opts.allow_cuda_mismatch:
+            raise CudaMismatchError(f"{plan.key}: {cuda.message}", hint=mismatch_hint())
+        log.warning("building %s despite a CUDA mismatch: %s", plan.key, cuda.message)
+    return cuda
 
 
 def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOptions,
            start: float, waited: float) -> EnsureResult:
     from provisioner.build.artifacts import verify_artifacts
-    from provisioner.build.cuda import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
     from provisioner.lock.channels import resolve_channels
     from provisioner.lock.check import check_key, platform_virtual_packages
     from provisioner.lock.reader import read_lockfile
@@ -187,11 +202,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     backend = choice.backend
     log.info("backend %s (%s)", backend.name, choice.reason)
 
-    cuda = compare_cuda(required_cuda(lock, plan.platform), host_cuda_version())
-    if not cuda.ok:
-        if not opts.allow_cuda_mismatch:
-            raise CudaMismatchError(f"{plan.key}: {cuda.message}", hint=mismatch_hint())
-        log.warning("building %s despite a CUDA mismatch: %s", plan.key, cuda.message)
+    cuda = _cuda_gate(plan, lock, opts)
 
     sources = resolve_channels(lock.channels or spec.channels, config)
     artifacts = verify_artifacts(packages, sources, layout.package_cache)

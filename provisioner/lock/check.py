@@ -33,6 +33,7 @@ from pathlib import Path
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
+from provisioner.lock.cuda_need import VIRTUAL_PACKAGES_FIELD
 from provisioner.lock.lockfile import lockfile_path
 from provisioner.lock.platforms import VirtualPackages, virtual_packages_for
 from provisioner.lock.reader import read_lock_header
@@ -40,7 +41,6 @@ from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec, spec_path
 
 HASH_SCHEMA = 2
 HASH_FIELD = "x-provisioner.content-hash.{platform}"
-VIRTUAL_PACKAGES_FIELD = "x-provisioner.virtual-packages.{platform}"
 SEAL_FIELD = "x-provisioner.conda-lock-seal"
 __all__ = [
     "CheckResult",
@@ -77,16 +77,6 @@ def render_virtual_packages(vps: VirtualPackages) -> str:
     """``__cuda=12.1,__glibc=2.28,...`` (the build string only where it says something)."""
     return ",".join(f"{name}={version}" + (f"={build}" if build not in ("", "0") else "")
                     for name, (version, build) in sorted(vps.items()))
-
-
-def parse_virtual_packages(text: str) -> dict[str, str]:
-    """The versions of :func:`render_virtual_packages` output, by name."""
-    result = {}
-    for item in text.split(","):
-        name, _sep, rest = item.partition("=")
-        if name.strip():
-            result[name.strip()] = rest.partition("=")[0].strip()
-    return result
 
 
 def conda_lock_seal(spec_bytes: bytes, hashes: dict[str, str]) -> str:

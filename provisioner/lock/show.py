@@ -18,6 +18,7 @@ from pathlib import Path
 
 from provisioner.config import Config
 from provisioner.errors import UserError
+from provisioner.lock.cuda_need import cuda_need_of, recorded_cuda
 from provisioner.lock.lockfile import LockData, LockedPackage
 
 # The pytorch channel writes the CUDA line dotted (py3.11_cuda12.1_cudnn8.9.2_0);
@@ -46,8 +47,8 @@ class PlatformSummary:
     pytorch_cuda: str | None  # CUDA line of the pytorch build, None for a CPU build
     transformers: str | None
     bitsandbytes: str | None
-    cuda_driver_required: str | None  # "12.1", or a constraint such as ">=12"
-    cuda_driver_source: str | None  # which package cuda_driver_required comes from
+    cuda_driver_required: str | None  # a conda spec for __cuda such as ">=12" (lock.cuda_need)
+    cuda_driver_source: str | None  # the rule that gave it, in words
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -113,7 +114,8 @@ def summarize_lock(
                 hint="pass one of those with --platform, or leave it out to see all",
             )
         order = [platform]
-    per_platform = tuple(_summarize_platform(p, by_platform[p]) for p in order)
+    per_platform = tuple(
+        _summarize_platform(p, by_platform[p], recorded_cuda(data.extra, p)) for p in order)
     return LockSummary(
         path=path,
         platforms=every,
@@ -170,7 +172,8 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def _summarize_platform(platform: str, packages: list[LockedPackage]) -> PlatformSummary:
+def _summarize_platform(platform: str, packages: list[LockedPackage],
+                        recorded: str | None = None) -> PlatformSummary:
     named: dict[str, list[LockedPackage]] = {}
     for pkg in packages:
         named.setdefault(_norm(pkg.name), []).append(pkg)
@@ -185,7 +188,7 @@ def _summarize_platform(platform: str, packages: list[LockedPackage]) -> Platfor
     # conda calls it pytorch, PyPI torch; a lock may (wrongly) hold both.
     torch_pkgs = named.get("pytorch", []) + named.get("torch", [])
     pytorch_cuda = _pytorch_cuda(torch_pkgs, named)
-    driver, source = _cuda_driver(packages, named, pytorch_cuda)
+    need = cuda_need_of(packages, recorded)
     python = named.get("python")
     return PlatformSummary(
         platform=platform,
@@ -196,8 +199,8 @@ def _summarize_platform(platform: str, packages: list[LockedPackage]) -> Platfor
         pytorch_cuda=pytorch_cuda,
         transformers=_describe(named.get("transformers", [])),
         bitsandbytes=_describe(named.get("bitsandbytes", [])),
-        cuda_driver_required=driver,
-        cuda_driver_source=source,
+        cuda_driver_required=need.spec,
+        cuda_driver_source=need.source,
     )
 
 
@@ -248,35 +251,3 @@ def _pytorch_cuda(
         if runtime in named:
             return _major_minor(named[runtime][0].version)
     return None
-
-
-def _cuda_driver(
-    packages: list[LockedPackage],
-    named: dict[str, list[LockedPackage]],
-    pytorch_cuda: str | None,
-) -> tuple[str | None, str | None]:
-    """The CUDA driver the platform needs, and the package that says so.
-
-    The pytorch channel's CUDA packages carry no ``__cuda`` dependency, so
-    ``pytorch-cuda`` is the strongest signal and wins over a ``cuda-version``
-    that other packages (cudnn, nccl) pulled in at an older line.
-    """
-    for name in ("pytorch-cuda", "cuda-version"):
-        conda = [p for p in named.get(name, []) if p.manager == "conda"]
-        if conda:
-            return conda[0].version, name
-    specs: set[str] = set()
-    needers: set[str] = set()
-    for pkg in packages:
-        for dep, spec in pkg.dependencies:
-            if dep == "__cuda":
-                needers.add(pkg.name)
-                spec = spec.strip()
-                if spec and spec != "*":
-                    specs.add(spec)
-    if needers:
-        constraint = ",".join(sorted(specs)) if specs else "*"
-        return constraint, f"__cuda dependency of {', '.join(sorted(needers))}"
-    if pytorch_cuda is not None:
-        return pytorch_cuda, "pytorch build"
-    return None, None

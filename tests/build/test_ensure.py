@@ -145,7 +145,7 @@ def test_ensure_builds_then_reuses_within_budget(project: SampleProject, tmp_pat
     assert fp.backend == "rattler" and not fp.cuda_mismatch_allowed
     assert not in_progress_path(result.prefix).exists()
     assert result.cuda is not None and result.cuda["ok"] is True
-    assert result.cuda["required"] == "12.1"
+    assert result.cuda["required"] == ">=12.1" and result.cuda["rule"] == "recorded"
 
     versions = module_versions(result.python, "torch", "transformers", "accelerate",
                                "bitsandbytes", "torch.version")
@@ -519,7 +519,7 @@ def test_cuda_key_refused_on_an_older_driver(project: SampleProject, tmp_path: P
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "11.8")
     config = config_for(project.path, tmp_path)
-    with pytest.raises(CudaMismatchError, match=r"needs CUDA 12\.1.*11\.8") as err:
+    with pytest.raises(CudaMismatchError, match=r"needs CUDA >=12\.1.*11\.8") as err:
         ensure(config, CU)
     assert err.value.hint is not None and "CONDA_OVERRIDE_CUDA" in err.value.hint
     assert "--allow-cuda-mismatch" in err.value.hint
@@ -587,6 +587,27 @@ def test_dry_run_writes_nothing(project: SampleProject, tmp_path: Path) -> None:
     again = ensure(config, CU, EnsureOptions(dry_run=True))
     assert again.action == "reuse" and again.generation == built.generation
     assert "packages_to_link" not in again.plan.details
+
+
+def test_dry_run_reports_the_cuda_refusal_of_a_real_run(
+        project: SampleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "11.8")
+    config = config_for(project.path, tmp_path)
+    with pytest.raises(CudaMismatchError) as real:
+        ensure(config, CU)
+    with pytest.raises(CudaMismatchError) as dry:
+        ensure(config, CU, EnsureOptions(dry_run=True))
+    assert dry.value.message == real.value.message
+    assert "needs CUDA >=12.1 (__cuda 12.1 recorded when locking)" in dry.value.message
+    allowed = ensure(config, CU, EnsureOptions(dry_run=True, allow_cuda_mismatch=True))
+    assert allowed.action == "build" and allowed.cuda is not None
+    assert allowed.cuda["ok"] is False and allowed.cuda["rule"] == "recorded"
+    assert not (config.home / "envs").exists()
+
+    cli = run_cli(["--home", str(config.home), "ensure", CU, "--project", str(project.path),
+                   "--dry-run"], CONDA_OVERRIDE_CUDA="11.8")
+    assert cli.returncode == 2, cli.stdout
+    assert "needs CUDA >=12.1" in cli.stderr
 
 
 # --- locking and concurrency ---------------------------------------------------------------------
