@@ -220,7 +220,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
         python_pkg = next((p for p in packages if p.name == "python"), None)
         py_version = python_pkg.version if python_pkg else "3"
         site = site_packages(target, py_version, plan.platform)
-        if spec.pip:
+        if spec.pip_for(plan.platform):
             vps = platform_virtual_packages(spec, plan.platform)
             _install_pip(config, plan, site, py_version, vps,
                          lock.for_platform(plan.platform, "pip"))

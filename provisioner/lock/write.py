@@ -16,9 +16,9 @@ from typing import Any
 
 from provisioner import fsops
 from provisioner.config import Config
-from provisioner.errors import LockfileError, UserError
+from provisioner.errors import LockfileError, SpecError, UserError
 from provisioner.keys import validate_env_key
-from provisioner.lock.channels import ChannelSource, resolve_channels
+from provisioner.lock.channels import ChannelSource, canonical_channel_url, resolve_channels
 from provisioner.lock.check import (
     SEAL_FIELD,
     conda_lock_seal,
@@ -106,14 +106,14 @@ def _solve_key(
         solved = solve_platform(
             key=spec.key,
             channels=sources,
-            specs=spec.dependencies,
+            specs=channel_specs(spec.dependencies_for(platform), sources),
             platform=platform,
             virtual_packages=platform_virtual_packages(spec, platform),
             constraints=constraints,
             preferred=preferred,
         )
         packages.extend(solved)
-        if spec.pip:
+        if spec.pip_for(platform):
             packages.extend(_pip_entries(spec, config, old, platform, solved, skip_pip))
     source = spec_path(config.specs_dir, spec.key)
     hashes = conda_lock_content_hashes(source, spec.cuda)
@@ -125,6 +125,25 @@ def _solve_key(
         sources=(f"{config.specs_dir.name}/{spec.key}.yml",),
         extra={**lock_metadata(spec), SEAL_FIELD: conda_lock_seal(source.read_bytes(), hashes)},
     )
+
+
+def channel_specs(specs: Sequence[str], sources: Sequence[ChannelSource]) -> list[str]:
+    """``channel::package`` specs pointed at where that channel is read from (a mirror too)."""
+    result = []
+    for dep in specs:
+        channel, sep, rest = dep.partition("::")
+        if sep and channel.strip():
+            canonical = canonical_channel_url(channel.strip())
+            match = next((c for c in sources if canonical in (c.canonical, c.source)), None)
+            if match is None:
+                raise SpecError(
+                    f"dependency {dep!r} names channel '{channel}', which is not in the spec's "
+                    "channels",
+                    hint=f"add {channel} to channels:",
+                )
+            dep = f"{match.source}::{rest.strip()}"
+        result.append(dep)
+    return result
 
 
 def _pip_entries(spec: EnvSpec, config: Config, old: LockData | None, platform: str,
@@ -141,7 +160,7 @@ def _pip_entries(spec: EnvSpec, config: Config, old: LockData | None, platform: 
     log.info("locking the pip layer of %s for %s with uv", spec.key, platform)
     return lock_pip_layer(
         key=spec.key,
-        requirements=spec.pip,
+        requirements=spec.pip_for(platform),
         platform=platform,
         virtual_packages=platform_virtual_packages(spec, platform),
         conda_packages=solved,
@@ -207,7 +226,7 @@ def lock_envs(
                 changed=changed,
                 counts={p: len(data.for_platform(p, "conda")) for p in data.platforms},
                 pip_counts={p: len(data.for_platform(p, "pip")) for p in data.platforms
-                            if spec.pip},
+                            if spec.pip_for(p)},
                 old=old,
                 new=data,
             )

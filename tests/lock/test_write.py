@@ -352,3 +352,25 @@ def test_skip_pip_without_an_existing_pip_lock_is_an_error(locked: Locked, tmp_p
     with pytest.raises(LockfileError, match="--skip-pip needs an existing"):
         lock_envs(load_config(project, environ={}), [CPU], skip_pip=True)
     assert not (project / "lockfiles" / f"{CPU}.linux-64.pip.txt").exists()
+
+
+# --- channel::package --------------------------------------------------------------------------
+
+
+def test_channel_qualified_dependency_solves_from_the_mirror(locked: Locked,
+                                                             tmp_path: Path) -> None:
+    """``<channel>::pkg`` is read from where the channel is mirrored, and locks the same."""
+    project = copy_project(locked.root, tmp_path / "p")
+    before = lock_bytes(project)[f"{CPU}.conda-lock.yml"]
+    edit_spec(project, CPU, dependencies=["python", f"{SAMPLE_CHANNEL}::pytorch=2.2.1=*cpu*",
+                                          "transformers"])
+    [outcome] = lock_envs(load_config(project, environ={}), [CPU])
+    after = lock_bytes(project)[f"{CPU}.conda-lock.yml"]
+    assert outcome.changed  # the spec's hash changed, not the packages
+    package_part = lambda b: b[b.index(b"\npackage:"):]  # noqa: E731
+    assert package_part(after) == package_part(before)
+
+    edit_spec(project, CPU, dependencies=["python", "elsewhere::pytorch", "transformers"])
+    with pytest.raises(UserError) as info:
+        lock_envs(load_config(project, environ={}), [CPU])
+    assert "names channel 'elsewhere', which is not in the spec's channels" in info.value.message
