@@ -237,8 +237,10 @@ def diff_locks(old: LockData, new: LockData) -> LockDiff:
 
 
 def diff_files(old: Path, new: Path) -> LockDiff:
-    """Compare two conda-lock files (their pip entries included)."""
-    return diff_locks(*(read_lockfile(p, check_hashes=False) for p in (old, new)))
+    """Compare two lock files of any format (``pixi.lock#env`` picks an environment)."""
+    from provisioner.lock.formats import read_any_lock
+
+    return diff_locks(read_any_lock(old), read_any_lock(new))
 
 
 # --- git ------------------------------------------------------------------------------------

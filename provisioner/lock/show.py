@@ -1,4 +1,4 @@
-"""Summaries of conda-lock v1 files, ours or anyone else's.
+"""Summaries of lock files, ours or anyone else's (conda-lock, pixi.lock, @EXPLICIT).
 
 ``provisioner show-lock`` answers the questions one asks of a lockfile before
 installing it on a GPU host: how many packages for which platform and manager,
@@ -129,11 +129,12 @@ def show_lock(config: Config, target: str, *, platform: str | None = None) -> Lo
     """Summarise ``target``: a lockfile path, or the key of one of the project's locks."""
     from provisioner.keys import validate_env_key
     from provisioner.lock.check import lockfile_path
+    from provisioner.lock.formats import read_any_lock
     from provisioner.lock.reader import read_lockfile
 
     path = Path(target)
-    if path.is_file():
-        return summarize_lock(read_lockfile(path), path=str(target), platform=platform)
+    if path.is_file() or (not path.exists() and "#" in path.name):
+        return summarize_lock(read_any_lock(path), path=str(target), platform=platform)
     key = validate_env_key(target)
     data = read_lockfile(lockfile_path(config.locks_dir, key))
     return summarize_lock(data, path=key, platform=platform)
