@@ -55,9 +55,11 @@ def write_lockfile(path: Path, data: LockData) -> None:
     write_conda_lock_file(lock, path, metadata_choices=None)
 
 
-#: conda-forge's PyPI <-> conda name mapping, vendored (see pypi_mapping.md); conda-lock
-#: otherwise downloads it as soon as a spec has a ``pip:`` section.
-MAPPING_PATH = Path(__file__).with_name("pypi_mapping.json")
+#: An empty PyPI -> conda name mapping. conda-lock's environment.yml parser loads (by default:
+#: downloads) one as soon as a spec has a ``pip:`` section, only to name the ``pip`` package it
+#: adds in conda's terms; pip requirements themselves are not translated. Every name then maps
+#: to itself, which is right for ``pip``, so the content hash is the one conda-lock computes.
+MAPPING_PATH = Path(__file__).with_name("no_pypi_mapping.json")
 
 
 def conda_lock_content_hashes(spec_file: Path, cuda: str | None) -> dict[str, str]:
