@@ -1,9 +1,11 @@
-"""Compare the CUDA version a lock needs with what the host's driver supports.
+"""Compare the CUDA driver a lock needs with what the host's driver supports.
 
 The pytorch channel's CUDA packages carry no ``__cuda`` dependency, so a solve
 never stops a cu12.1 env from being built on a machine whose driver only does
-11.8. This check does, before anything is installed. Detection uses rattler's
-virtual packages, which honour ``CONDA_OVERRIDE_CUDA``.
+11.8. This check does, before anything is installed. What a lock needs, and
+by which rule, is :mod:`provisioner.lock.cuda_need`'s; the comparison is
+rattler's ``VersionSpec``. Detection uses rattler's virtual packages, which
+honour ``CONDA_OVERRIDE_CUDA``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
-
+from provisioner.lock.cuda_need import CudaNeed, cuda_need, driver_satisfies
 from provisioner.lock.lockfile import LockData
 
 
@@ -26,10 +26,11 @@ class CudaCheck:
     host: str | None
     ok: bool
     message: str
+    rule: str | None = None  # which rule of provisioner.lock.cuda_need gave ``required``
 
     def to_dict(self) -> dict[str, object]:
         return {"required": self.required, "host": self.host, "ok": self.ok,
-                "message": self.message}
+                "message": self.message, "rule": self.rule}
 
 
 def host_cuda_version() -> str | None:
@@ -43,42 +44,32 @@ def host_cuda_version() -> str | None:
     return None
 
 
-def required_cuda(lock: LockData, platform: str) -> str | None:
-    """The CUDA driver the lock needs on ``platform`` (a version or a specifier)."""
-    from provisioner.lock.show import summarize_lock
-
-    summary = summarize_lock(lock, platform=platform)
-    return summary.per_platform[0].cuda_driver_required if summary.per_platform else None
+def required_cuda(lock: LockData, platform: str) -> CudaNeed:
+    """The CUDA driver the lock needs on ``platform``, and the rule that says so."""
+    return cuda_need(lock, platform)
 
 
-def _satisfies(host: str, required: str) -> bool:
-    try:
-        host_version = Version(host)
-    except InvalidVersion:
-        return False
-    if required[:1].isdigit():
-        # A CUDA line ("12.1") needs a driver at least that new: drivers run older runtimes.
-        try:
-            return host_version >= Version(required)
-        except InvalidVersion:
-            return False
-    try:
-        return host_version in SpecifierSet(required.replace(" ", ""))
-    except InvalidSpecifier:
-        return True
+def compare_cuda(required: CudaNeed | str | None, host: str | None) -> CudaCheck:
+    """Decide whether a host with ``host`` CUDA can run an env that needs ``required``.
 
-
-def compare_cuda(required: str | None, host: str | None) -> CudaCheck:
-    """Decide whether a host with ``host`` CUDA can run an env that needs ``required``."""
-    if required is None:
-        return CudaCheck(None, host, True, "the env needs no CUDA driver")
+    A bare version (``"12.1"``) means that version or newer: drivers run older runtimes.
+    """
+    need = required if isinstance(required, CudaNeed) else CudaNeed(
+        required, "given" if required else "none", None)
+    spec, rule = need.spec, need.rule if need.spec else None
+    why = f" ({need.source})" if need.source else ""
+    if spec is None:
+        return CudaCheck(None, host, True, "the env needs no CUDA driver", rule)
     if host is None:
-        return CudaCheck(required, None, False,
-                         f"the env needs a CUDA {required} driver, and none was detected")
-    if _satisfies(host, required):
-        return CudaCheck(required, host, True, f"host CUDA {host} satisfies {required}")
-    return CudaCheck(required, host, False,
-                     f"the env needs CUDA {required}, the host driver supports {host}")
+        return CudaCheck(spec, None, False,
+                         f"the env needs a CUDA {spec} driver{why}, and none was detected", rule)
+    verdict = driver_satisfies(host, spec)
+    if verdict is None:  # an unreadable requirement does not block a build
+        return CudaCheck(spec, host, True, f"cannot read the CUDA requirement {spec!r}", rule)
+    if verdict:
+        return CudaCheck(spec, host, True, f"host CUDA {host} satisfies {spec}{why}", rule)
+    return CudaCheck(spec, host, False,
+                     f"the env needs CUDA {spec}{why}, the host driver supports {host}", rule)
 
 
 def mismatch_hint(candidates: Sequence[str] = ()) -> str:

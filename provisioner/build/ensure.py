@@ -22,6 +22,7 @@ from pathlib import Path
 
 from provisioner import fsops
 from provisioner.build.backends import ProgressSink, choose_backend
+from provisioner.build.cuda import CudaCheck
 from provisioner.build.env_checks import (
     check_imports,
     check_records,
@@ -40,7 +41,7 @@ from provisioner.build.layout import HomeLayout, python_path
 from provisioner.build.plan import EnsurePlan, make_plan
 from provisioner.config import Config
 from provisioner.errors import BuildError, CudaMismatchError, ProvisionerError
-from provisioner.lock.lockfile import LockedPackage
+from provisioner.lock.lockfile import LockData, LockedPackage
 
 log = logging.getLogger(__name__)
 
@@ -151,27 +152,41 @@ def _discard(layout: HomeLayout, path: Path) -> None:
 
 def _dry_run(config: Config, plan: EnsurePlan, opts: EnsureOptions, start: float) -> EnsureResult:
     from provisioner.build.artifacts import locate_sizes
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
 
     choice = choose_backend(opts.backend, config.backend, plan.platform)
     details: dict[str, object] = {}
+    cuda = None
     if plan.action != "reuse":
         lock = read_lockfile(plan.lockfile)
+        cuda = _cuda_gate(plan, lock, opts).to_dict()  # refuses as the real run would
         packages = lock.for_platform(plan.platform, "conda")
         details = {"packages_to_link": len(packages), **locate_sizes(config, lock, packages)}
     plan = replace(plan, details=details)
     return replace(
-        _result(plan, plan.action, start, choice.backend.name, choice.reason), dry_run=True
+        _result(plan, plan.action, start, choice.backend.name, choice.reason, cuda=cuda),
+        dry_run=True,
     )
+
+
+def _cuda_gate(plan: EnsurePlan, lock: LockData, opts: EnsureOptions) -> CudaCheck:
+    """The host's CUDA driver against what the lock needs; raises unless allowed."""
+    from provisioner.build.cuda import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
+
+    cuda = compare_cuda(required_cuda(lock, plan.platform), host_cuda_version())
+    if not cuda.ok:
+        if not opts.allow_cuda_mismatch:
+            raise CudaMismatchError(f"{plan.key}: {cuda.message}", hint=mismatch_hint())
+        log.warning("building %s despite a CUDA mismatch: %s", plan.key, cuda.message)
+    return cuda
 
 
 def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOptions,
            start: float, waited: float) -> EnsureResult:
     from provisioner.build.artifacts import locate_sizes, verify_artifacts
-    from provisioner.build.cuda import compare_cuda, host_cuda_version, mismatch_hint, required_cuda
     from provisioner.lock.channels import resolve_channels
     from provisioner.lock.check import check_key, platform_virtual_packages
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
     from provisioner.lock.spec import load_spec
 
     log.info("%s %s: %s", plan.action, plan.key, plan.reason)
@@ -190,11 +205,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     backend = choice.backend
     log.info("backend %s (%s)", backend.name, choice.reason)
 
-    cuda = compare_cuda(required_cuda(lock, plan.platform), host_cuda_version())
-    if not cuda.ok:
-        if not opts.allow_cuda_mismatch:
-            raise CudaMismatchError(f"{plan.key}: {cuda.message}", hint=mismatch_hint())
-        log.warning("building %s despite a CUDA mismatch: %s", plan.key, cuda.message)
+    cuda = _cuda_gate(plan, lock, opts)
 
     sources = resolve_channels(lock.channels or spec.channels, config)
     artifacts = verify_artifacts(packages, sources, layout.package_cache)
@@ -212,9 +223,10 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
         python_pkg = next((p for p in packages if p.name == "python"), None)
         py_version = python_pkg.version if python_pkg else "3"
         site = site_packages(target, py_version, plan.platform)
-        if spec.pip:
+        if spec.pip_for(plan.platform):
             vps = platform_virtual_packages(spec, plan.platform)
-            _install_pip(config, plan, site, py_version, vps)
+            _install_pip(config, plan, site, py_version, vps,
+                         lock.for_platform(plan.platform, "pip"))
         fault_point("after-pip")
         _verify_stage(target, final, packages, spec.imports, site, plan)
         fault_point("before-fingerprint")
@@ -243,16 +255,14 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
 
 
 def _install_pip(config: Config, plan: EnsurePlan, site: Path, py_version: str,
-                 vps: dict[str, tuple[str, str]]) -> None:
-    from provisioner.lock.check import pip_lock_path
+                 vps: dict[str, tuple[str, str]], entries: Sequence[LockedPackage]) -> None:
     from provisioner.lock.pip_layer import install_pip_layer
 
-    pip_lock = pip_lock_path(config.locks_dir, plan.key, plan.platform)
-    if not pip_lock.is_file():
-        raise BuildError(f"{plan.key}: the spec has a pip: section but {pip_lock.name} is missing",
-                         hint=f"run 'provisioner lock {plan.key}'")
+    if not entries:
+        raise BuildError(f"{plan.key}: the spec has a pip: section but the lock has no pip "
+                         f"entries for {plan.platform}", hint=f"run 'provisioner lock {plan.key}'")
     site.mkdir(parents=True, exist_ok=True)
-    count = install_pip_layer(pip_lock=pip_lock, site_packages=site, python_version=py_version,
+    count = install_pip_layer(entries=entries, site_packages=site, python_version=py_version,
                               platform=plan.platform, virtual_packages=vps, settings=config.pip)
     log.info("installed %d pip wheel(s) with uv", count)
 

@@ -106,7 +106,7 @@ def verify_env(config: Config, key: str, *, deep: bool = False) -> VerifyReport:
     report with the problem ``not built``. A missing or malformed lockfile, or
     an invalid key, raises a :class:`~provisioner.errors.UserError`.
     """
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
 
     validate_env_key(key)
     platform = host_platform()

@@ -21,8 +21,8 @@ from provisioner.config import Config
 from provisioner.errors import LockfileError
 from provisioner.keys import validate_env_key
 from provisioner.lock.check import lockfile_path
-from provisioner.lock.lockfile import split_lockfile
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lock_header
 
 Action = Literal["reuse", "build", "rebuild", "repair"]
 
@@ -69,18 +69,21 @@ def locked_hash(config: Config, key: str, platform: str) -> str:
     The content hash alone only covers the spec: ``lock --update`` (or a relock
     that keeps preferred versions) changes the packages under the same content
     hash, and an env built from the old packages must not be reused for it. The
-    package section is hashed as bytes, without parsing it, to keep reuse fast.
+    file's bytes are hashed whole, without parsing its packages, to keep reuse
+    fast: any edit of the lock builds a new generation.
     """
     path = lockfile_path(config.locks_dir, key)
-    header, packages = split_lockfile(path)
-    hashes = header.get("content_hash")
+    hashes = read_lock_header(path).get("content_hash")
     if not isinstance(hashes, dict) or platform not in hashes:
         raise LockfileError(
             f"{path.name} has no lock for this platform ({platform})",
             hint=f"add {platform} to the spec's platforms and run 'provisioner lock {key}'",
         )
     digest = hashlib.sha256(f"{platform}\n{hashes[platform]}\n".encode())
-    digest.update(packages)
+    try:
+        digest.update(path.read_bytes())
+    except OSError as exc:
+        raise LockfileError(f"cannot read {path.name}: {exc.strerror}") from None
     return digest.hexdigest()
 
 

@@ -4,7 +4,9 @@ Lockfiles always name a package by its channel's canonical URL
 (``https://conda.anaconda.org/<channel>/<subdir>/<file>``), wherever it was
 solved from. A *mirror* (``[channels]`` in ``provisioner.toml``, or
 ``<channel-root>/<name>``) only changes where metadata and packages are read
-from, the way pixi's mirror configuration does.
+from, the way pixi's mirror configuration does. With a channel root, every
+channel must resolve under it (or to a mirror): a missing one is an error
+that names it, never a silent fallback to the live channel.
 """
 
 from __future__ import annotations
@@ -82,12 +84,26 @@ def resolve_channels(channels: tuple[str, ...] | list[str], config: Config) -> l
                     f"mirror of channel '{name}' is not a directory: {Path(mirror).name}",
                     hint="fix [channels] in provisioner.toml",
                 )
-        elif config.channel_root is not None and "://" not in name:
-            candidate = config.channel_root / short
-            if candidate.is_dir():
-                source = path_to_file_url(candidate)
+        elif config.channel_root is not None:
+            source = _under_root(name, short, config.channel_root)
         result.append(ChannelSource(name=name, canonical=canonical, source=source))
     return result
+
+
+def _under_root(name: str, short: str, root: Path) -> str:
+    """The channel's directory under ``--channel-root``; never a fallback to the network."""
+    if name.startswith("file://"):
+        return name.rstrip("/")  # already local
+    candidate = root / short if "://" not in name else None
+    if candidate is None or not candidate.is_dir():
+        raise SpecError(
+            f"channel '{name}' has no directory under the channel root {root}"
+            if candidate is not None else
+            f"channel '{name}' is a URL, and a channel root serves named channels only",
+            hint=f"add {root / (short if candidate is not None else '<name>')} or map the "
+                 "channel in [channels] of provisioner.toml; nothing falls back to the network",
+        )
+    return path_to_file_url(candidate)
 
 
 def source_for_url(url: str, sources: list[ChannelSource]) -> str:

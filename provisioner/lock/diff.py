@@ -23,9 +23,9 @@ from provisioner import fsops, processes
 from provisioner.config import Config
 from provisioner.errors import InvalidKeyError, UserError
 from provisioner.keys import validate_env_key
-from provisioner.lock.conda_lock_io import read_lockfile
 from provisioner.lock.lockfile import LockData, LockedPackage
-from provisioner.lock.show import _cuda_line, with_pip_layer
+from provisioner.lock.reader import read_lockfile
+from provisioner.lock.show import _cuda_line
 
 #: GPU-relevant packages (conda or PyPI names), in the order they are reported.
 GPU_PACKAGES = (
@@ -239,8 +239,10 @@ def diff_locks(old: LockData, new: LockData) -> LockDiff:
 
 
 def diff_files(old: Path, new: Path) -> LockDiff:
-    """Compare two conda-lock files (their pip entries included)."""
-    return diff_locks(*(read_lockfile(p, check_hashes=False) for p in (old, new)))
+    """Compare two lock files of any format (``pixi.lock#env`` picks an environment)."""
+    from provisioner.lock.formats import read_any_lock
+
+    return diff_locks(read_any_lock(old), read_any_lock(new))
 
 
 # --- git ------------------------------------------------------------------------------------
@@ -282,22 +284,19 @@ def _read_project_lock(locks_dir: Path, key: str) -> LockData:
     path = locks_dir / f"{key}{_LOCK_SUFFIX}"
     if not path.is_file():
         return _EMPTY
-    return with_pip_layer(read_lockfile(path, check_hashes=False), locks_dir, key)
+    return read_lockfile(path, check_hashes=False)
 
 
 def _lock_at(project: Path, commit: str, locks_dir: str, names: list[str], key: str) -> LockData:
-    """``key``'s lock (and pip layer files) at ``commit``, via a scratch copy."""
-    wanted = [n for n in names if n == f"{key}{_LOCK_SUFFIX}"
-              or (n.startswith(f"{key}.") and n.endswith(".pip.txt"))]
-    if f"{key}{_LOCK_SUFFIX}" not in wanted:
+    """``key``'s lock at ``commit``, via a scratch copy."""
+    name = f"{key}{_LOCK_SUFFIX}"
+    if name not in names:
         return _EMPTY
+    shown = _git(project, "show", f"{commit}:./{locks_dir}/{name}")
+    if not shown.ok:
+        raise UserError(f"git show of {locks_dir}/{name} failed: {shown.stderr.strip()[:200]}")
     with tempfile.TemporaryDirectory(prefix="provisioner-diff-") as scratch:
-        for name in wanted:
-            shown = _git(project, "show", f"{commit}:./{locks_dir}/{name}")
-            if not shown.ok:
-                raise UserError(f"git show of {locks_dir}/{name} failed: "
-                                f"{shown.stderr.strip()[:200]}")
-            fsops.atomic_write_text(Path(scratch) / name, shown.stdout)
+        fsops.atomic_write_text(Path(scratch) / name, shown.stdout)
         return _read_project_lock(Path(scratch), key)
 
 
@@ -307,7 +306,7 @@ def diff_git(
     """Compare the project's locks at git revision ``rev`` with the working tree.
 
     ``keys`` defaults to every key whose lockfile exists at ``rev`` or now.
-    Pip layer files (``<key>.<platform>.pip.txt``) count as pip packages.
+    The pip layer is the locks' ``manager: pip`` entries.
     """
     project, locks = config.project, config.locks_dir.name
     if not project.is_dir():

@@ -1,8 +1,9 @@
 """Plain data for conda-lock v1 lockfiles.
 
 These classes hold what provisioner needs from a lockfile without importing
-conda-lock (which is slow to import); :mod:`provisioner.lock.conda_lock_io`
-converts to and from conda-lock's own models.
+conda-lock (which is slow to import): :mod:`provisioner.lock.reader` reads
+them by structure, :mod:`provisioner.lock.conda_lock_io` writes them with
+conda-lock's own models.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class LockData:
     content_hash: dict[str, str]
     packages: tuple[LockedPackage, ...]
     sources: tuple[str, ...] = ()
+    #: ``metadata.custom_metadata``: conda-lock keeps it; provisioner's own facts live there
     extra: dict[str, str] = field(default_factory=dict)
 
     def for_platform(self, platform: str, manager: str | None = None) -> list[LockedPackage]:
@@ -95,39 +97,3 @@ def validate_hashes(pkg: LockedPackage, source: str) -> None:
 def lockfile_path(locks_dir: Path, key: str) -> Path:
     """``lockfiles/<key>.conda-lock.yml``."""
     return locks_dir / f"{key}.conda-lock.yml"
-
-
-def pip_lock_path(locks_dir: Path, key: str, platform: str) -> Path:
-    """``lockfiles/<key>.<platform>.pip.txt``: the hash-pinned pip layer."""
-    return locks_dir / f"{key}.{platform}.pip.txt"
-
-
-def read_lock_header(path: Path) -> dict[str, object]:
-    """Read only the ``metadata`` block of a v1 lockfile, without parsing its packages.
-
-    This is what ``lock --check`` and the resolve hot path need, and it stays
-    fast on lockfiles with thousands of entries.
-    """
-    metadata, _packages = split_lockfile(path)
-    return metadata
-
-
-def split_lockfile(path: Path) -> tuple[dict[str, object], bytes]:
-    """The parsed ``metadata`` block and the raw bytes of the package section."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LockfileError(f"lockfile {path.name} does not exist") from None
-    head, _sep, packages = raw.partition(b"\npackage:")
-    import yaml  # not at module level: the resolve hot path imports this module
-
-    try:
-        data = yaml.load(head, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError:
-        raise LockfileError(f"{path.name}: malformed YAML in the metadata block") from None
-    if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
-        raise LockfileError(f"{path.name}: no 'metadata' block; not a conda-lock v1 file")
-    if data.get("version") != 1:
-        raise LockfileError(f"{path.name}: lockfile version {data.get('version')!r} is not 1")
-    metadata: dict[str, object] = data["metadata"]
-    return metadata, packages

@@ -1,4 +1,4 @@
-"""Summaries of conda-lock v1 files, ours or anyone else's.
+"""Summaries of lock files, ours or anyone else's (conda-lock, pixi.lock, @EXPLICIT).
 
 ``provisioner show-lock`` answers the questions one asks of a lockfile before
 installing it on a GPU host: how many packages for which platform and manager,
@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.config import Config
 from provisioner.errors import UserError
+from provisioner.lock.cuda_need import cuda_need_of, recorded_cuda
 from provisioner.lock.lockfile import LockData, LockedPackage
 
 # The pytorch channel writes the CUDA line dotted (py3.11_cuda12.1_cudnn8.9.2_0);
@@ -46,8 +47,8 @@ class PlatformSummary:
     pytorch_cuda: str | None  # CUDA line of the pytorch build, None for a CPU build
     transformers: str | None
     bitsandbytes: str | None
-    cuda_driver_required: str | None  # "12.1", or a constraint such as ">=12"
-    cuda_driver_source: str | None  # which package cuda_driver_required comes from
+    cuda_driver_required: str | None  # a conda spec for __cuda such as ">=12" (lock.cuda_need)
+    cuda_driver_source: str | None  # the rule that gave it, in words
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
@@ -113,7 +114,8 @@ def summarize_lock(
                 hint="pass one of those with --platform, or leave it out to see all",
             )
         order = [platform]
-    per_platform = tuple(_summarize_platform(p, by_platform[p]) for p in order)
+    per_platform = tuple(
+        _summarize_platform(p, by_platform[p], recorded_cuda(data.extra, p)) for p in order)
     return LockSummary(
         path=path,
         platforms=every,
@@ -127,34 +129,15 @@ def show_lock(config: Config, target: str, *, platform: str | None = None) -> Lo
     """Summarise ``target``: a lockfile path, or the key of one of the project's locks."""
     from provisioner.keys import validate_env_key
     from provisioner.lock.check import lockfile_path
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.formats import read_any_lock
+    from provisioner.lock.reader import read_lockfile
 
     path = Path(target)
-    if path.is_file():
-        return summarize_lock(read_lockfile(path), path=str(target), platform=platform)
+    if path.is_file() or (not path.exists() and "#" in path.name):
+        return summarize_lock(read_any_lock(path), path=str(target), platform=platform)
     key = validate_env_key(target)
     data = read_lockfile(lockfile_path(config.locks_dir, key))
-    return summarize_lock(with_pip_layer(data, config.locks_dir, key), path=key, platform=platform)
-
-
-def with_pip_layer(data: LockData, locks_dir: Path, key: str) -> LockData:
-    """``data`` plus the hash-pinned pip layer files that sit beside a project lock."""
-    from provisioner.lock.check import pip_lock_path
-    from provisioner.lock.pip_layer import parse_pip_lock
-
-    extra = []
-    for platform in data.platforms:
-        pip_file = pip_lock_path(locks_dir, key, platform)
-        if not pip_file.is_file():
-            continue
-        for pin in parse_pip_lock(pip_file.read_text(encoding="utf-8")):
-            extra.append(
-                LockedPackage(
-                    name=pin.name, version=pin.version, manager="pip", platform=platform,
-                    url="", sha256=pin.hashes[0].removeprefix("sha256:") if pin.hashes else None,
-                )
-            )
-    return replace(data, packages=data.packages + tuple(extra))
+    return summarize_lock(data, path=key, platform=platform)
 
 
 def render_summary_text(summary: LockSummary) -> list[str]:
@@ -190,7 +173,8 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def _summarize_platform(platform: str, packages: list[LockedPackage]) -> PlatformSummary:
+def _summarize_platform(platform: str, packages: list[LockedPackage],
+                        recorded: str | None = None) -> PlatformSummary:
     named: dict[str, list[LockedPackage]] = {}
     for pkg in packages:
         named.setdefault(_norm(pkg.name), []).append(pkg)
@@ -205,7 +189,7 @@ def _summarize_platform(platform: str, packages: list[LockedPackage]) -> Platfor
     # conda calls it pytorch, PyPI torch; a lock may (wrongly) hold both.
     torch_pkgs = named.get("pytorch", []) + named.get("torch", [])
     pytorch_cuda = _pytorch_cuda(torch_pkgs, named)
-    driver, source = _cuda_driver(packages, named, pytorch_cuda)
+    need = cuda_need_of(packages, recorded)
     python = named.get("python")
     return PlatformSummary(
         platform=platform,
@@ -216,8 +200,8 @@ def _summarize_platform(platform: str, packages: list[LockedPackage]) -> Platfor
         pytorch_cuda=pytorch_cuda,
         transformers=_describe(named.get("transformers", [])),
         bitsandbytes=_describe(named.get("bitsandbytes", [])),
-        cuda_driver_required=driver,
-        cuda_driver_source=source,
+        cuda_driver_required=need.spec,
+        cuda_driver_source=need.source,
     )
 
 
@@ -268,35 +252,3 @@ def _pytorch_cuda(
         if runtime in named:
             return _major_minor(named[runtime][0].version)
     return None
-
-
-def _cuda_driver(
-    packages: list[LockedPackage],
-    named: dict[str, list[LockedPackage]],
-    pytorch_cuda: str | None,
-) -> tuple[str | None, str | None]:
-    """The CUDA driver the platform needs, and the package that says so.
-
-    The pytorch channel's CUDA packages carry no ``__cuda`` dependency, so
-    ``pytorch-cuda`` is the strongest signal and wins over a ``cuda-version``
-    that other packages (cudnn, nccl) pulled in at an older line.
-    """
-    for name in ("pytorch-cuda", "cuda-version"):
-        conda = [p for p in named.get(name, []) if p.manager == "conda"]
-        if conda:
-            return conda[0].version, name
-    specs: set[str] = set()
-    needers: set[str] = set()
-    for pkg in packages:
-        for dep, spec in pkg.dependencies:
-            if dep == "__cuda":
-                needers.add(pkg.name)
-                spec = spec.strip()
-                if spec and spec != "*":
-                    specs.add(spec)
-    if needers:
-        constraint = ",".join(sorted(specs)) if specs else "*"
-        return constraint, f"__cuda dependency of {', '.join(sorted(needers))}"
-    if pytorch_cuda is not None:
-        return pytorch_cuda, "pytorch build"
-    return None, None

@@ -54,6 +54,32 @@ def _explain(text: str) -> str:
     return "\n".join([first or "conflicting requirements", *("  " + ln for ln in rest)])
 
 
+_VIRTUAL_RE = re.compile(r"(__glibc|__cuda|__linux|__osx|__win)\b\s*([^\s,]*(?:,[^\s,]+)*)")
+_LOWER_RE = re.compile(r"^>=?\s*(\d+(?:\.\d+)*)")
+
+
+def virtual_package_problem(text: str, platform: str,
+                            virtual_packages: VirtualPackages) -> tuple[str, str] | None:
+    """(what the solve wanted, how to give it) when a virtual package stopped the solve."""
+    match = _VIRTUAL_RE.search(text)
+    if match is None:
+        return None
+    name, wanted = match[1], match[2].rstrip(".,;") or "any version"
+    have = virtual_packages.get(name)
+    locked = f"{name} {have[0]}" if have else f"no {name}"
+    lower = _LOWER_RE.match(wanted)
+    version = lower[1] if lower else "<version>"
+    if name == "__cuda":
+        line = f'x-provisioner: cuda: "{version}"'
+    else:
+        line = f'x-provisioner: virtual-packages: {platform}: {{{name}: "{version}"}}'
+    return (
+        f"the solve needs the virtual package {name} {wanted}, but {platform} is locked with "
+        f"{locked} (provisioner's default or the spec's x-provisioner)",
+        f"if the target machines have it, set {line} in the spec",
+    )
+
+
 def _split_dependency(dep: str) -> tuple[str, str]:
     name, _sep, rest = dep.strip().partition(" ")
     return name, rest.strip()
@@ -139,9 +165,12 @@ def solve_platform(
         name = type(exc).__name__
         text = str(exc).strip() or name
         if "Solver" in name or "Unsolvable" in name or "cannot be installed" in text:
+            virtual = virtual_package_problem(text, platform, virtual_packages)
             raise SolveError(
-                f"{key} ({platform}): the spec cannot be solved: {_explain(text)}",
-                hint="relax a version pin in the spec or add the channel that has the package",
+                f"{key} ({platform}): the spec cannot be solved: {_explain(text)}"
+                + (f"\n{virtual[0]}" if virtual else ""),
+                hint=virtual[1] if virtual else
+                "relax a version pin in the spec or add the channel that has the package",
             ) from None
         first = text.splitlines()[0]
         raise SolveError(

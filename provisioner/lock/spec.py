@@ -10,10 +10,18 @@ one ``x-provisioner:`` section::
       imports: [torch, transformers]
       virtual-packages:            # optional per-platform overrides
         linux-64: {__glibc: "2.17"}
+
+The environment.yml part is read with conda-lock's semantics (a test runs
+conda-lock's own parser on the same files): ``nodefaults`` is not a channel,
+a ``# [linux]`` / ``# [win]`` / ``# [osx]``... selector keeps a line on the
+matching platforms only, ``pip:`` lists may sit under selectors too, channels
+may be URLs and a dependency may name its channel (``pytorch::pytorch``).
+conda-lock itself is not imported here: ``ensure`` reads specs too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +37,16 @@ from provisioner.lock.platforms import validate_platform
 SPEC_SUFFIX = ".yml"
 _TOP_LEVEL = {"name", "channels", "dependencies", "platforms", "x-provisioner", "variables"}
 _OWN_FIELDS = {"cuda", "provides", "imports", "virtual-packages"}
+#: conda-lock's platform selectors (conda_lock/src_parser/selectors.py, adapted from conda-build)
+_SELECTORS = {
+    "linux-64": {"linux64", "unix", "linux"},
+    "linux-aarch64": {"aarch64", "unix", "linux"},
+    "osx-64": {"osx64", "osx", "unix"},
+    "osx-arm64": {"arm64", "osx", "unix"},
+    "win-64": {"win", "win64"},
+}
+_SELECTOR_RE = re.compile(r"(.+?)\s*(#.*)\[([^\[\]]+)\](?(2)[^\(\)]*)$")
+NO_DEFAULTS = "nodefaults"
 
 
 @dataclass(frozen=True)
@@ -37,14 +55,25 @@ class EnvSpec:
 
     key: str
     channels: tuple[str, ...]
-    dependencies: tuple[str, ...]
-    pip: tuple[str, ...]
+    dependencies: tuple[str, ...]  # every platform's conda dependencies, in order
+    pip: tuple[str, ...]  # every platform's pip requirements, in order
     platforms: tuple[str, ...]
     cuda: str | None = None
     provides: tuple[str, ...] = ()
     imports: tuple[str, ...] = ()
     virtual_package_overrides: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     path: Path | None = None
+    #: per platform, after selectors (a platform missing here has the unfiltered lists)
+    per_platform: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=dict, compare=False)  # derived from the same text as the rest
+
+    def dependencies_for(self, platform: str) -> tuple[str, ...]:
+        """The conda dependencies that apply on ``platform`` (selectors applied)."""
+        return self.per_platform.get(platform, (self.dependencies, self.pip))[0]
+
+    def pip_for(self, platform: str) -> tuple[str, ...]:
+        """The pip requirements that apply on ``platform`` (selectors applied)."""
+        return self.per_platform.get(platform, (self.dependencies, self.pip))[1]
 
     def provided_requirements(self) -> list[Requirement]:
         """``provides`` as parsed PEP 440 requirements."""
@@ -54,8 +83,8 @@ class EnvSpec:
         """Everything about this spec that should trigger a relock on ``platform``."""
         return {
             "channels": list(self.channels),
-            "dependencies": sorted(self.dependencies),
-            "pip": sorted(self.pip),
+            "dependencies": sorted(self.dependencies_for(platform)),
+            "pip": sorted(self.pip_for(platform)),
             "platforms": sorted(self.platforms),
             "platform": platform,
         }
@@ -120,25 +149,19 @@ def parse_spec(text: str, *, source: Path | str, expected_key: str | None = None
     key = validate_env_key(data.get("name"))
     if expected_key is not None and key != expected_key:
         raise SpecError(f"{name}: name '{key}' does not match the file name '{expected_key}'")
-    channels = _str_list(data.get("channels"), "channels", name)
+    # conda-lock's reading: "nodefaults" says "no implicit defaults channel", it is no channel
+    channels = [c for c in _str_list(data.get("channels"), "channels", name) if c != NO_DEFAULTS]
     if not channels:
         raise SpecError(f"{name}: at least one channel is needed")
     platforms = [validate_platform(p) for p in _str_list(data.get("platforms"), "platforms", name)]
     if not platforms:
         raise SpecError(f"{name}: at least one platform is needed")
 
-    deps_raw = data.get("dependencies")
-    if not isinstance(deps_raw, list) or not deps_raw:
-        raise SpecError(f"{name}: 'dependencies' must be a non-empty list")
-    conda_deps: list[str] = []
-    pip_deps: list[str] = []
-    for item in deps_raw:
-        if isinstance(item, str) and item.strip():
-            conda_deps.append(item.strip())
-        elif isinstance(item, dict) and set(item) == {"pip"}:
-            pip_deps.extend(_str_list(item["pip"], "pip", name))
-        else:
-            raise SpecError(f"{name}: dependency {item!r} is neither a string nor a 'pip:' list")
+    conda_deps, pip_deps = _dependencies(data.get("dependencies"), name)
+    per_platform = {}
+    for plat in platforms:
+        filtered = load_yaml_mapping(select_lines(text, plat), name)
+        per_platform[plat] = _dependencies(filtered.get("dependencies"), name, allow_empty=True)
     for req in pip_deps:
         try:
             Requirement(req)
@@ -182,12 +205,50 @@ def parse_spec(text: str, *, source: Path | str, expected_key: str | None = None
     return EnvSpec(
         key=key,
         channels=tuple(channels),
-        dependencies=tuple(conda_deps),
-        pip=tuple(pip_deps),
+        dependencies=conda_deps,
+        pip=pip_deps,
         platforms=tuple(platforms),
         cuda=cuda,
         provides=tuple(provides),
         imports=tuple(imports),
         virtual_package_overrides=overrides,
         path=source if isinstance(source, Path) else None,
+        per_platform=per_platform,
     )
+
+
+def select_lines(text: str, platform: str) -> str:
+    """``text`` with conda-lock's platform selectors applied for ``platform``.
+
+    Like conda-lock, comment-only lines go and a line whose trailing comment
+    holds a ``[selector]`` stays only where the selector names the platform.
+    """
+    kept = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        match = _SELECTOR_RE.match(line)
+        if match and match.group(3) not in _SELECTORS[platform]:
+            continue
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def _dependencies(raw: object, name: str, *,
+                  allow_empty: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(conda dependencies, pip requirements) of a ``dependencies:`` list."""
+    if raw is None and allow_empty:
+        return (), ()
+    if not isinstance(raw, list) or (not raw and not allow_empty):
+        raise SpecError(f"{name}: 'dependencies' must be a non-empty list")
+    conda_deps: list[str] = []
+    pip_deps: list[str] = []
+    for item in raw:
+        if isinstance(item, str) and item.strip():
+            conda_deps.append(item.strip())
+        elif isinstance(item, dict) and set(item) == {"pip"}:
+            if item["pip"] is not None:  # None: every line under it was deselected
+                pip_deps.extend(_str_list(item["pip"], "pip", name))
+        else:
+            raise SpecError(f"{name}: dependency {item!r} is neither a string nor a 'pip:' list")
+    return tuple(conda_deps), tuple(pip_deps)

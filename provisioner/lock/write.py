@@ -16,18 +16,19 @@ from typing import Any
 
 from provisioner import fsops
 from provisioner.config import Config
-from provisioner.errors import LockfileError, UserError
+from provisioner.errors import LockfileError, SpecError, UserError
 from provisioner.keys import validate_env_key
-from provisioner.lock.channels import ChannelSource, resolve_channels
+from provisioner.lock.channels import ChannelSource, canonical_channel_url, resolve_channels
 from provisioner.lock.check import (
-    content_hash,
+    SEAL_FIELD,
+    conda_lock_seal,
+    lock_metadata,
     lockfile_path,
-    pip_lock_path,
     platform_virtual_packages,
 )
 from provisioner.lock.lockfile import LockData, LockedPackage
-from provisioner.lock.pip_layer import lock_pip_layer, sha256_text
-from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec
+from provisioner.lock.pip_layer import lock_pip_layer
+from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec, spec_path
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ class LockOutcome:
     lockfile: Path
     changed: bool
     counts: dict[str, int]  # platform -> number of conda packages
-    pip_counts: dict[str, int]
-    pip_files: tuple[Path, ...]
+    pip_counts: dict[str, int]  # platform -> number of manager: pip entries
     old: LockData | None
     new: LockData
 
@@ -52,7 +52,6 @@ class LockOutcome:
             "changed": self.changed,
             "conda_packages": self.counts,
             "pip_packages": self.pip_counts,
-            "pip_files": [str(p) for p in self.pip_files],
         }
 
 
@@ -71,7 +70,7 @@ def _preferred_records(
 
 
 def _read_existing(path: Path) -> LockData | None:
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
 
     if not path.is_file():
         return None
@@ -89,13 +88,12 @@ def _solve_key(
     update: Sequence[str],
     update_all: bool,
     skip_pip: bool,
-) -> tuple[LockData, dict[str, str]]:
+) -> LockData:
+    from provisioner.lock.conda_lock_io import conda_lock_content_hashes
     from provisioner.lock.solve import exact_constraint, solve_platform
 
     sources = resolve_channels(spec.channels, config)
     packages: list[LockedPackage] = []
-    hashes: dict[str, str] = {}
-    pip_texts: dict[str, str] = {}
     for platform in spec.platforms:
         locked_before = old.for_platform(platform, "conda") if old else []
         constraints: list[str] = []
@@ -108,44 +106,66 @@ def _solve_key(
         solved = solve_platform(
             key=spec.key,
             channels=sources,
-            specs=spec.dependencies,
+            specs=channel_specs(spec.dependencies_for(platform), sources),
             platform=platform,
             virtual_packages=platform_virtual_packages(spec, platform),
             constraints=constraints,
             preferred=preferred,
         )
         packages.extend(solved)
-        pip_sha: str | None = None
-        if spec.pip:
-            existing_pip = pip_lock_path(config.locks_dir, spec.key, platform)
-            if skip_pip:
-                if not existing_pip.is_file():
-                    raise LockfileError(
-                        f"{spec.key}: --skip-pip needs an existing {existing_pip.name}",
-                        hint="lock once with the package index reachable",
-                    )
-                pip_texts[platform] = existing_pip.read_text(encoding="utf-8")
-            else:
-                log.info("locking the pip layer of %s for %s with uv", spec.key, platform)
-                pip_texts[platform] = lock_pip_layer(
-                    key=spec.key,
-                    requirements=spec.pip,
-                    platform=platform,
-                    virtual_packages=platform_virtual_packages(spec, platform),
-                    conda_packages=solved,
-                    settings=config.pip,
-                )
-            if platform in pip_texts:
-                pip_sha = sha256_text(pip_texts[platform])
-        hashes[platform] = content_hash(spec, platform, pip_sha)
-    data = LockData(
+        if spec.pip_for(platform):
+            packages.extend(_pip_entries(spec, config, old, platform, solved, skip_pip))
+    source = spec_path(config.specs_dir, spec.key)
+    hashes = conda_lock_content_hashes(source, spec.cuda)
+    return LockData(
         platforms=spec.platforms,
         channels=spec.channels,
         content_hash=hashes,
         packages=tuple(packages),
         sources=(f"{config.specs_dir.name}/{spec.key}.yml",),
+        extra={**lock_metadata(spec), SEAL_FIELD: conda_lock_seal(source.read_bytes(), hashes)},
     )
-    return data, pip_texts
+
+
+def channel_specs(specs: Sequence[str], sources: Sequence[ChannelSource]) -> list[str]:
+    """``channel::package`` specs pointed at where that channel is read from (a mirror too)."""
+    result = []
+    for dep in specs:
+        channel, sep, rest = dep.partition("::")
+        if sep and channel.strip():
+            canonical = canonical_channel_url(channel.strip())
+            match = next((c for c in sources if canonical in (c.canonical, c.source)), None)
+            if match is None:
+                raise SpecError(
+                    f"dependency {dep!r} names channel '{channel}', which is not in the spec's "
+                    "channels",
+                    hint=f"add {channel} to channels:",
+                )
+            dep = f"{match.source}::{rest.strip()}"
+        result.append(dep)
+    return result
+
+
+def _pip_entries(spec: EnvSpec, config: Config, old: LockData | None, platform: str,
+                 solved: list[LockedPackage], skip_pip: bool) -> list[LockedPackage]:
+    """The ``manager: pip`` entries of ``platform``: locked with uv, or kept (``--skip-pip``)."""
+    if skip_pip:
+        kept = old.for_platform(platform, "pip") if old else []
+        if not kept:
+            raise LockfileError(
+                f"{spec.key}: --skip-pip needs an existing lock with pip entries for {platform}",
+                hint="lock once with the package index reachable",
+            )
+        return kept
+    log.info("locking the pip layer of %s for %s with uv", spec.key, platform)
+    return lock_pip_layer(
+        key=spec.key,
+        requirements=spec.pip_for(platform),
+        platform=platform,
+        virtual_packages=platform_virtual_packages(spec, platform),
+        conda_packages=solved,
+        settings=config.pip,
+    )
 
 
 def _render(data: LockData, name: str) -> bytes:
@@ -191,17 +211,11 @@ def lock_envs(
         old = _read_existing(lock_path)
         if update:
             _check_update(spec.key, old, update)
-        data, pip_texts = _solve_key(spec, config, old, update, update_all, skip_pip)
-        solved.append((spec, lock_path, old, data, pip_texts, _render(data, lock_path.name)))
+        data = _solve_key(spec, config, old, update, update_all, skip_pip)
+        solved.append((spec, lock_path, old, data, _render(data, lock_path.name)))
     outcomes = []
-    for spec, lock_path, old, data, pip_texts, rendered in solved:
+    for spec, lock_path, old, data, rendered in solved:
         config.locks_dir.mkdir(parents=True, exist_ok=True)
-        pip_files = []
-        for platform, text in sorted(pip_texts.items()):
-            path = pip_lock_path(config.locks_dir, spec.key, platform)
-            if not path.is_file() or path.read_text(encoding="utf-8") != text:
-                fsops.atomic_write_text(path, text)
-            pip_files.append(path)
         changed = not lock_path.is_file() or lock_path.read_bytes() != rendered
         if changed:
             fsops.atomic_write_bytes(lock_path, rendered)
@@ -211,8 +225,8 @@ def lock_envs(
                 lockfile=lock_path,
                 changed=changed,
                 counts={p: len(data.for_platform(p, "conda")) for p in data.platforms},
-                pip_counts={p: text.count("==") for p, text in pip_texts.items()},
-                pip_files=tuple(pip_files),
+                pip_counts={p: len(data.for_platform(p, "pip")) for p in data.platforms
+                            if spec.pip_for(p)},
                 old=old,
                 new=data,
             )

@@ -22,9 +22,9 @@ from provisioner.build.ensure import ensure
 from provisioner.config import Config, load_config
 from provisioner.errors import BuildError, IntegrityError, LockfileError
 from provisioner.lock.channels import ChannelSource, resolve_channels
-from provisioner.lock.conda_lock_io import read_lockfile
 from provisioner.lock.lockfile import LockData, LockedPackage
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 from provisioner.sample.stack import SAMPLE_CHANNEL
 

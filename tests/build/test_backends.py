@@ -36,8 +36,8 @@ from provisioner.build.layout import HomeLayout, read_pointer
 from provisioner.config import Config, load_config
 from provisioner.errors import BuildError, ToolMissingError, UserError
 from provisioner.lock.channels import resolve_channels
-from provisioner.lock.conda_lock_io import read_lockfile
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 
 unix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")

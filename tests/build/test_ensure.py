@@ -40,9 +40,8 @@ from provisioner.errors import (
     LockfileError,
     LockTimeoutError,
 )
-from provisioner.lock.conda_lock_io import read_lockfile
-from provisioner.lock.lockfile import read_lock_header
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lock_header, read_lockfile
 from provisioner.lock.write import lock_envs
 from provisioner.sample.project import SampleProject, create_sample_project
 
@@ -146,7 +145,7 @@ def test_ensure_builds_then_reuses_within_budget(project: SampleProject, tmp_pat
     assert fp.backend == "rattler" and not fp.cuda_mismatch_allowed
     assert not in_progress_path(result.prefix).exists()
     assert result.cuda is not None and result.cuda["ok"] is True
-    assert result.cuda["required"] == "12.1"
+    assert result.cuda["required"] == ">=12.1" and result.cuda["rule"] == "recorded"
 
     versions = module_versions(result.python, "torch", "transformers", "accelerate",
                                "bitsandbytes", "torch.version")
@@ -520,7 +519,7 @@ def test_cuda_key_refused_on_an_older_driver(project: SampleProject, tmp_path: P
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "11.8")
     config = config_for(project.path, tmp_path)
-    with pytest.raises(CudaMismatchError, match=r"needs CUDA 12\.1.*11\.8") as err:
+    with pytest.raises(CudaMismatchError, match=r"needs CUDA >=12\.1.*11\.8") as err:
         ensure(config, CU)
     assert err.value.hint is not None and "CONDA_OVERRIDE_CUDA" in err.value.hint
     assert "--allow-cuda-mismatch" in err.value.hint
@@ -588,6 +587,27 @@ def test_dry_run_writes_nothing(project: SampleProject, tmp_path: Path) -> None:
     again = ensure(config, CU, EnsureOptions(dry_run=True))
     assert again.action == "reuse" and again.generation == built.generation
     assert "packages_to_link" not in again.plan.details
+
+
+def test_dry_run_reports_the_cuda_refusal_of_a_real_run(
+        project: SampleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "11.8")
+    config = config_for(project.path, tmp_path)
+    with pytest.raises(CudaMismatchError) as real:
+        ensure(config, CU)
+    with pytest.raises(CudaMismatchError) as dry:
+        ensure(config, CU, EnsureOptions(dry_run=True))
+    assert dry.value.message == real.value.message
+    assert "needs CUDA >=12.1 (__cuda 12.1 recorded when locking)" in dry.value.message
+    allowed = ensure(config, CU, EnsureOptions(dry_run=True, allow_cuda_mismatch=True))
+    assert allowed.action == "build" and allowed.cuda is not None
+    assert allowed.cuda["ok"] is False and allowed.cuda["rule"] == "recorded"
+    assert not (config.home / "envs").exists()
+
+    cli = run_cli(["--home", str(config.home), "ensure", CU, "--project", str(project.path),
+                   "--dry-run"], CONDA_OVERRIDE_CUDA="11.8")
+    assert cli.returncode == 2, cli.stdout
+    assert "needs CUDA >=12.1" in cli.stderr
 
 
 # --- locking and concurrency ---------------------------------------------------------------------
@@ -705,8 +725,10 @@ def test_pip_layer_is_installed_with_uv_from_local_wheels(
     project: SampleProject, tmp_path: Path
 ) -> None:
     dest = _project_with_pip_layer(project, tmp_path)
-    pip_lock = dest / "lockfiles" / f"{CPU}.linux-64.pip.txt"
-    assert "tinywheel==1.0" in pip_lock.read_text(encoding="utf-8")
+    assert not list((dest / "lockfiles").glob("*.pip.txt"))  # the lock alone holds the layer
+    lock = read_lockfile(dest / "lockfiles" / f"{CPU}.conda-lock.yml")
+    assert [(p.name, p.version) for p in lock.for_platform(host_platform(), "pip")] == [
+        ("tinywheel", "1.0")]
     config = config_for(dest, tmp_path)
     result = ensure(config, CPU)
     assert result.action == "build"
@@ -725,13 +747,13 @@ def test_pip_layer_hash_mismatch_fails_the_build_before_promotion(
     project: SampleProject, tmp_path: Path
 ) -> None:
     from provisioner.errors import PipLayerError
-    from provisioner.lock.check import pip_lock_path
 
     dest = _project_with_pip_layer(project, tmp_path)
-    pip_lock = pip_lock_path(dest / "lockfiles", CPU, "linux-64")
-    text = pip_lock.read_text(encoding="utf-8")
-    digest = text.split("--hash=sha256:")[1][:64]
-    pip_lock.write_text(text.replace(digest, "0" * 64), encoding="utf-8")
+    lock_path = dest / "lockfiles" / f"{CPU}.conda-lock.yml"
+    [entry] = read_lockfile(lock_path).for_platform(host_platform(), "pip")
+    assert entry.sha256
+    text = lock_path.read_text(encoding="utf-8")
+    lock_path.write_text(text.replace(entry.sha256, "f" * 64), encoding="utf-8")
     config = config_for(dest, tmp_path)
     with pytest.raises(PipLayerError, match="could not install the pip layer"):
         ensure(config, CPU)

@@ -18,9 +18,9 @@ from provisioner.build.env_checks import (
     site_packages,
 )
 from provisioner.config import load_config
-from provisioner.lock.conda_lock_io import read_lockfile
 from provisioner.lock.lockfile import LockedPackage
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")

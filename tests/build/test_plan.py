@@ -18,8 +18,8 @@ from provisioner.build.layout import GENERATION_LENGTH, HomeLayout, generation_n
 from provisioner.build.plan import env_is_ready, locked_hash, make_plan, stale_staging_dirs
 from provisioner.config import Config, load_config
 from provisioner.errors import InvalidKeyError, LockfileError
-from provisioner.lock.lockfile import read_lock_header
 from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lock_header
 from provisioner.sample.project import SampleProject, create_sample_project
 
 unix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")

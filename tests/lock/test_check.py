@@ -17,15 +17,14 @@ import yaml
 from provisioner.config import load_config
 from provisioner.errors import InvalidKeyError, UserError
 from provisioner.lock.check import (
+    HASH_FIELD,
     CheckResult,
     check_key,
     check_locks,
     content_hash,
-    file_sha256,
     lockfile_path,
-    pip_lock_path,
 )
-from provisioner.lock.lockfile import read_lock_header
+from provisioner.lock.reader import read_lockfile
 from provisioner.lock.spec import load_spec
 from provisioner.lock.write import lock_envs
 from provisioner.sample.project import sample_platforms, write_sample_project
@@ -204,38 +203,45 @@ def pip_project(project: Path) -> Path:
         fh.write(PIP_TOML)
     edit_spec(project, CPU, dependencies=[*deps_of(project, CPU), {"pip": ["tinyextra>=1"]}])
     [outcome] = lock_envs(load_config(project, environ={}), [CPU])
-    assert [p.name for p in outcome.pip_files] == [
-        f"{CPU}.{p}.pip.txt" for p in sorted(sample_platforms())
-    ]
+    assert outcome.pip_counts == dict.fromkeys(sample_platforms(), 1)
+    assert not list((project / "lockfiles").glob("*.pip.txt"))
     return project
 
 
-def test_pip_layer_hash_is_in_the_lock(pip_project: Path) -> None:
+def test_both_hashes_are_in_the_lock(pip_project: Path) -> None:
+    from provisioner.lock.conda_lock_io import conda_lock_content_hashes
+
     assert check(pip_project)[CPU].ok
     spec = load_spec(pip_project / "environment-specs", CPU)
-    hashes = read_lock_header(lockfile_path(pip_project / "lockfiles", CPU))["content_hash"]
-    assert isinstance(hashes, dict)
+    lock = read_lockfile(lockfile_path(pip_project / "lockfiles", CPU))
+    theirs = conda_lock_content_hashes(spec_file(pip_project, CPU), spec.cuda)
     for platform in sample_platforms():
-        pip_sha = file_sha256(pip_lock_path(pip_project / "lockfiles", CPU, platform))
-        assert hashes[platform] == content_hash(spec, platform, pip_sha)
-        assert hashes[platform] != content_hash(spec, platform, None)
+        assert lock.content_hash[platform] == theirs[platform]
+        assert lock.extra[HASH_FIELD.format(platform=platform)] == content_hash(spec, platform)
+        assert [p.name for p in lock.for_platform(platform, "pip")] == ["tinyextra"]
 
 
-def test_edited_pip_layer_file_makes_the_lock_stale(pip_project: Path) -> None:
-    pip_file = pip_lock_path(pip_project / "lockfiles", CPU, "linux-64")
-    pip_file.write_text(pip_file.read_text(encoding="utf-8").replace("1.0", "1.1"))
+def test_edited_provisioner_hash_makes_the_lock_stale(pip_project: Path) -> None:
+    path = lockfile_path(pip_project / "lockfiles", CPU)
+    field = HASH_FIELD.format(platform="linux-64")
+    text = path.read_text(encoding="utf-8")
+    assert f"{field}: " in text
+    path.write_text(text.replace(f"{field}: ", f"{field}: 0"), encoding="utf-8")
     result = check(pip_project, [CPU])[CPU]
     assert not result.ok
     assert len(result.reasons) == 1
-    assert result.reasons[0].startswith("linux-64: ")
+    assert result.reasons[0].startswith("linux-64: ") and field in result.reasons[0]
 
 
-def test_missing_pip_layer_file_is_a_reason(pip_project: Path) -> None:
-    pip_lock_path(pip_project / "lockfiles", CPU, "win-64").unlink()
+def test_edited_conda_lock_hash_makes_the_lock_stale(pip_project: Path) -> None:
+    path = lockfile_path(pip_project / "lockfiles", CPU)
+    old = read_lockfile(path).content_hash["win-64"]
+    path.write_text(path.read_text(encoding="utf-8").replace(old, "0" * 64), encoding="utf-8")
     result = check(pip_project, [CPU])[CPU]
-    assert result.reasons == (
-        f"pip layer for win-64 is not locked ({CPU}.win-64.pip.txt missing)",
-    )
+    assert result.reasons == ("win-64: spec changed since the lock was made"
+                              " (conda-lock's content_hash differs)",)
+    # ensure's quick check reads provisioner's hash only, and imports no conda-lock
+    assert check_key(load_config(pip_project, environ={}), CPU).ok
 
 
 def test_changed_pip_requirement_makes_the_lock_stale(pip_project: Path) -> None:
@@ -300,3 +306,47 @@ def test_cli_check_on_the_committed_locks(tmp_path: Path) -> None:
     assert lines
     assert all(line.startswith("ok      ") for line in lines), lines
     assert elapsed < CHECK_BUDGET_S
+
+
+# --- conda-lock's own content hash ------------------------------------------------------------
+
+
+COMMITTED_SPECS = sorted(p.stem for p in (REPO / "environment-specs").glob("*.yml")
+                         if p.name != "models.yml")
+
+
+@pytest.mark.parametrize("key", COMMITTED_SPECS)
+def test_committed_lock_content_hash_is_conda_locks(key: str, tmp_path: Path) -> None:
+    """conda-lock's own code, run on a copy of the spec, computes the committed hash."""
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import default_virtual_package_repodata
+
+    spec_copy = tmp_path / f"{key}.yml"
+    shutil.copy(REPO / "environment-specs" / f"{key}.yml", spec_copy)
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text("{}", encoding="utf-8")
+    spec = load_spec(REPO / "environment-specs", key)
+    assert spec.cuda  # the committed specs lock CUDA: conda-lock --with-cuda <it>
+    theirs = compute_content_hashes(
+        make_lock_spec(src_files=[spec_copy], mapping_url=str(mapping)),
+        default_virtual_package_repodata(cuda_version=spec.cuda),
+    )
+    lock = read_lockfile(REPO / "lockfiles" / f"{key}.conda-lock.yml")
+    assert lock.content_hash == theirs
+    assert lock.extra[HASH_FIELD.format(platform="linux-64")] == content_hash(spec, "linux-64")
+
+
+def test_sample_lock_without_cuda_uses_conda_locks_default(locked_root: Path) -> None:
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import default_virtual_package_repodata
+
+    from provisioner.lock.conda_lock_io import MAPPING_PATH
+
+    assert load_spec(locked_root / "environment-specs", CPU).cuda is None
+    theirs = compute_content_hashes(
+        make_lock_spec(src_files=[spec_file(locked_root, CPU)], mapping_url=str(MAPPING_PATH)),
+        default_virtual_package_repodata(),
+    )
+    assert read_lockfile(lockfile_path(locked_root / "lockfiles", CPU)).content_hash == theirs

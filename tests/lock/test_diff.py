@@ -331,9 +331,8 @@ def test_update_all_then_diff_against_the_previous_commit(repo: Path) -> None:
     assert out[2].endswith("4.41.0 (pyh_sample_0)  upgrade")
     git(repo, "commit", "-q", "-am", "update-all")
 
-    # A pip layer file appears in the working tree only.
-    pip_txt = project / "lockfiles" / f"{CU121}.linux-64.pip.txt"
-    pip_txt.write_text("peft==0.10.0 \\\n    --hash=sha256:" + "a" * 64 + "\n")
+    # A pip entry appears in the working tree only.
+    add_pip_entry(project / "lockfiles" / f"{CU121}.conda-lock.yml", "peft", "0.10.0", "a")
 
     result = provisioner(["diff", "--git", "HEAD~1", "--project", str(project), "--json"],
                          repo, env)
@@ -362,14 +361,27 @@ def test_update_all_then_diff_against_the_previous_commit(repo: Path) -> None:
     assert "linux-64: 0 changed, 1 added, 0 removed" in text.stdout
 
 
+def add_pip_entry(lock: Path, name: str, version: str, digit: str) -> None:
+    """Append a linux-64 ``manager: pip`` entry (``package:`` is the lock's last key)."""
+    text = lock.read_text(encoding="utf-8")
+    assert text.rstrip().splitlines()[-1] == "  optional: false"
+    lock.write_text(text + (
+        f"- name: {name}\n  version: {version}\n  manager: pip\n  platform: linux-64\n"
+        f"  dependencies: {{}}\n  url: https://pypi.invalid/{name}-{version}-py3-none-any.whl\n"
+        f"  hash:\n    sha256: {digit * 64}\n  category: main\n  optional: false\n"),
+        encoding="utf-8")
+
+
 @needs_git
 def test_pip_layer_change_between_commits(repo: Path) -> None:
     project = repo / "proj"
-    pip_txt = project / "lockfiles" / f"{CU121}.linux-64.pip.txt"
-    pip_txt.write_text("bitsandbytes==0.43.1 \\\n    --hash=sha256:" + "b" * 64 + "\n")
+    lock = project / "lockfiles" / f"{CU121}.conda-lock.yml"
+    before = lock.read_text(encoding="utf-8")
+    add_pip_entry(lock, "bitsandbytes", "0.43.1", "b")
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "pip layer")
-    pip_txt.write_text("bitsandbytes==0.43.3 \\\n    --hash=sha256:" + "c" * 64 + "\n")
+    lock.write_text(before, encoding="utf-8")
+    add_pip_entry(lock, "bitsandbytes", "0.43.3", "c")
     git(repo, "commit", "-q", "-am", "newer bitsandbytes")
     result = provisioner(["diff", "--git", "HEAD~1", CU121], project, cli_env(repo.parent))
     assert result.returncode == 0, result.stderr

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from provisioner.errors import EXIT_USER_ERROR, LockfileError, UserError
-from provisioner.lock.conda_lock_io import read_lockfile
-from provisioner.lock.lockfile import LockData, LockedPackage, read_lock_header
+from provisioner.lock.lockfile import LockData, LockedPackage
+from provisioner.lock.reader import read_lock_header, read_lockfile
 from provisioner.lock.show import (
     LockSummary,
     PlatformSummary,
@@ -50,9 +50,10 @@ EXPECTED: dict[str, dict[str, dict[str, str | None]]] = {
         "pytorch_cuda": "12.1",
         "transformers": None,
         "bitsandbytes": None,
-        # cudnn and nccl pulled in cuda-version 11.8; pytorch-cuda must win.
-        "cuda_driver_required": "12.1",
-        "cuda_driver_source": "pytorch-cuda",
+        # cudnn and nccl pulled in cuda-version 11.8 and jaxlib a bare __cuda;
+        # pytorch-cuda's major must win (minor-version compatibility: any 12.x driver).
+        "cuda_driver_required": ">=12",
+        "cuda_driver_source": "CUDA major of pytorch-cuda 12.1",
     }},
     PYRO_221: {"linux-64": {
         "python": "3.11.8",
@@ -60,8 +61,8 @@ EXPECTED: dict[str, dict[str, dict[str, str | None]]] = {
         "pytorch_cuda": "12.1",
         "transformers": None,
         "bitsandbytes": None,
-        "cuda_driver_required": "12.1",
-        "cuda_driver_source": "pytorch-cuda",
+        "cuda_driver_required": ">=12",
+        "cuda_driver_source": "CUDA major of pytorch-cuda 12.1",
     }},
     EOTLES_GPU: {"linux-64": {
         "python": "3.12.13",
@@ -69,8 +70,8 @@ EXPECTED: dict[str, dict[str, dict[str, str | None]]] = {
         "pytorch_cuda": "12.4",
         "transformers": "4.48.3",
         "bitsandbytes": None,
-        "cuda_driver_required": "12.4",
-        "cuda_driver_source": "pytorch-cuda",
+        "cuda_driver_required": ">=12",
+        "cuda_driver_source": "CUDA major of pytorch-cuda 12.4",
     }},
     TIGHT: {"linux-64": {
         "python": "3.11.7",
@@ -78,17 +79,17 @@ EXPECTED: dict[str, dict[str, dict[str, str | None]]] = {
         "pytorch_cuda": "11.8",
         "transformers": "4.36.2",
         "bitsandbytes": "0.42.0 (pip)",
-        "cuda_driver_required": "11.8",
-        "cuda_driver_source": "pytorch-cuda",
+        "cuda_driver_required": ">=11",
+        "cuda_driver_source": "CUDA major of pytorch-cuda 11.8",
     }},
     EOTLES_CPU: {
         "linux-64": {**_CPU_PLATFORM, "pytorch": "2.5.1 (py3.12_cpu_0)"},
         "linux-aarch64": {
             **_CPU_PLATFORM,
             "pytorch": "2.5.1 (cpu_generic_py312_h6255d31_15)",
-            # A conda-forge CPU torchaudio pulls cuda-cudart and cuda-version 12.9 on aarch64.
-            "cuda_driver_required": "12.9",
-            "cuda_driver_source": "cuda-version",
+            # torchaudio pulls cuda-cudart and cuda-version 12.9 next to a CPU pytorch on
+            # aarch64: CUDA runtime files need no driver.
+            "cuda_driver_required": None,
         },
         "osx-64": {**_CPU_PLATFORM, "pytorch": "2.5.1 (cpu_mkl_py312_hdc0b7d4_115)"},
         "osx-arm64": {**_CPU_PLATFORM, "pytorch": "2.5.1 (cpu_generic_py312_h8a46fbe_16)"},
@@ -254,33 +255,34 @@ def _pkg(
         pytest.param(
             [_pkg("pytorch", "2.5.1", "pytorch-2.5.1-cuda126_py312h1763f6d_303.conda"),
              _pkg("cuda-version", "12.8", "cuda-version-12.8-h5d125a7_3.conda")],
-            "2.5.1 (cuda126_py312h1763f6d_303)", "12.6", "12.8", "cuda-version",
+            "2.5.1 (cuda126_py312h1763f6d_303)", "12.6", ">=12", "CUDA major of cuda-version 12.8",
             id="conda-forge-cuda126",
         ),
         pytest.param(
             [_pkg("pytorch", "2.1.2", "pytorch-2.1.2-cuda120_py311h25b6552_300.conda",
                   deps=(("__cuda", ">=12"),))],
-            "2.1.2 (cuda120_py311h25b6552_300)", "12.0", ">=12", "__cuda dependency of pytorch",
+            "2.1.2 (cuda120_py311h25b6552_300)", "12.0", ">=12",
+            "__cuda >=12 dependency of pytorch",
             id="conda-forge-cuda120-dunder-cuda",
         ),
         pytest.param(
             [_pkg("torch", "2.1.0+cu121", "torch-2.1.0+cu121-cp311-linux_x86_64.whl",
                   manager="pip")],
-            "2.1.0+cu121 (pip)", "12.1", "12.1", "pytorch build",
+            "2.1.0+cu121 (pip)", "12.1", ">=12", "CUDA major of the PyPI torch build 2.1.0+cu121",
             id="pip-torch-local-cuda-tag",
         ),
         pytest.param(
             [_pkg("torch", "2.3.1", "torch-2.3.1-cp311-manylinux1_x86_64.whl", manager="pip"),
              _pkg("nvidia-cuda-runtime-cu12", "12.1.105", "nvidia_cuda_runtime_cu12.whl",
                   manager="pip")],
-            "2.3.1 (pip)", "12.1", "12.1", "pytorch build",
+            "2.3.1 (pip)", "12.1", ">=12", "CUDA major of the PyPI torch build 2.3.1",
             id="pip-torch-nvidia-wheels",
         ),
         pytest.param(
             [_pkg("torch", "2.3.1+cpu", "torch-2.3.1+cpu-cp311-linux_x86_64.whl", manager="pip"),
              _pkg("jaxlib", "0.4.23", "jaxlib-0.4.23-cuda118py311h63154d8_200.conda",
                   deps=(("__cuda", ""),))],
-            "2.3.1+cpu (pip)", None, "*", "__cuda dependency of jaxlib",
+            "2.3.1+cpu (pip)", None, "*", "__cuda * dependency of jaxlib",
             id="pip-torch-cpu-bare-dunder-cuda",
         ),
     ],

@@ -288,3 +288,96 @@ def test_conda_lock_parses_spec_with_pip_and_local_mapping(tmp_path: Path) -> No
     assert ("pip", "conda") in linux
     # The marker keeps bitsandbytes off Windows, as our spec intends.
     assert ("transformers", "pip") in windows and ("bitsandbytes", "pip") not in windows
+
+
+# --- the same reading as conda-lock's own parser ----------------------------------------------
+
+EDGE_SPEC = """\
+name: edge
+channels:
+  - https://conda.anaconda.org/pytorch
+  - conda-forge
+  - nodefaults
+platforms: [linux-64, win-64, osx-arm64]
+dependencies:
+  - python >=3.10,<3.12
+  - pytorch::pytorch=2.1
+  - numpy=1.26=py311*
+  - cuda-cudart  # [linux]
+  - vs2015_runtime  # [win]
+  - libcxx  # [osx]
+  - pip
+  - pip:
+      - bitsandbytes>=0.43,<0.44  # [linux64]
+      - Requests[socks]==2.31.*
+x-provisioner:
+  cuda: "12.1"
+"""
+
+
+def _conda_lock_view(path: Path, platforms: tuple[str, ...]) -> dict[str, object]:
+    """channels and, per platform, normalised conda and pip dependencies, by conda-lock."""
+    import rattler
+    from conda_lock.src_parser.environment_yaml import parse_environment_file
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+
+    mapping = path.parent / "mapping.json"
+    mapping.write_text("{}", encoding="utf-8")
+    spec = parse_environment_file(path, list(platforms), mapping_url=str(mapping))
+    view: dict[str, object] = {"channels": [c.url for c in spec.channels]}
+    for platform, deps in spec.dependencies.items():
+        conda = sorted({  # conda-lock may list pip twice (yours, and the one it adds)
+            str(rattler.MatchSpec(" ".join(x for x in (
+                f"{d.conda_channel}::{d.name}" if d.conda_channel else d.name,
+                "" if d.version in ("", "*") else d.version, d.build or "") if x)))
+            for d in deps if d.manager == "conda"})
+        pip = sorted((canonicalize_name(d.name), str(SpecifierSet(d.version or "")))
+                     for d in deps if d.manager == "pip")
+        view[platform] = (conda, pip)
+    return view
+
+
+def _our_view(spec: EnvSpec) -> dict[str, object]:
+    import rattler
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    view: dict[str, object] = {"channels": list(spec.channels)}
+    for platform in spec.platforms:
+        conda = sorted(str(rattler.MatchSpec(d)) for d in spec.dependencies_for(platform))
+        if spec.pip_for(platform) and not any(d.split()[0] == "pip" for d in
+                                               spec.dependencies_for(platform)):
+            conda = sorted([*conda, str(rattler.MatchSpec("pip"))])  # conda-lock adds pip
+        pip = sorted((canonicalize_name(r.name), str(r.specifier))
+                     for r in map(Requirement, spec.pip_for(platform)))
+        view[platform] = (conda, pip)
+    return view
+
+
+@pytest.mark.parametrize("source", ["torch-cu121-transformers", "torch-cu121-transformers-bnb",
+                                    "edge"])
+def test_specs_read_as_conda_lock_reads_them(source: str, tmp_path: Path) -> None:
+    repo_specs = Path(__file__).resolve().parents[2] / "environment-specs"
+    text = EDGE_SPEC if source == "edge" else (repo_specs / f"{source}.yml").read_text()
+    path = tmp_path / f"{source}.yml"
+    path.write_text(text, encoding="utf-8")
+    ours = parse_spec(text, source=path)
+    assert _our_view(ours) == _conda_lock_view(path, ours.platforms)
+    if source == "edge":
+        assert ours.channels == ("https://conda.anaconda.org/pytorch", "conda-forge")
+        assert "cuda-cudart" in ours.dependencies_for("linux-64")
+        assert "cuda-cudart" not in ours.dependencies_for("win-64")
+        assert "vs2015_runtime" in ours.dependencies_for("win-64")
+        assert "libcxx" in ours.dependencies_for("osx-arm64")
+        assert ours.pip_for("linux-64") == ("bitsandbytes>=0.43,<0.44", "Requests[socks]==2.31.*")
+        assert ours.pip_for("win-64") == ("Requests[socks]==2.31.*",)
+
+
+def test_selectors_change_the_platforms_content_hash_only(tmp_path: Path) -> None:
+    from provisioner.lock.check import content_hash
+
+    plain = parse_spec(EDGE_SPEC.replace("  - vs2015_runtime  # [win]\n", ""), source="e.yml")
+    edge = parse_spec(EDGE_SPEC, source="e.yml")
+    assert content_hash(plain, "linux-64") == content_hash(edge, "linux-64")
+    assert content_hash(plain, "win-64") != content_hash(edge, "win-64")

@@ -15,7 +15,7 @@ from conda_lock.lockfile import parse_conda_lock_file
 
 from provisioner.config import load_config
 from provisioner.errors import EXIT_USER_ERROR, LockfileError, SolveError, UserError
-from provisioner.lock.check import check_locks, content_hash, lockfile_path
+from provisioner.lock.check import HASH_FIELD, check_locks, content_hash, lockfile_path
 from provisioner.lock.spec import load_spec
 from provisioner.lock.write import LockOutcome, lock_envs
 from provisioner.sample.project import sample_platforms, write_sample_project
@@ -86,7 +86,7 @@ def test_first_lock_writes_every_key(locked: Locked) -> None:
         assert outcome.lockfile.is_file()
         assert set(outcome.counts) == set(sample_platforms())
         assert all(n > 0 for n in outcome.counts.values())
-        assert outcome.pip_files == ()
+        assert outcome.pip_counts == {}
     assert sorted(lock_bytes(locked.root)) == sorted(f"{k}.conda-lock.yml" for k in ALL_KEYS)
 
 
@@ -142,9 +142,10 @@ def test_content_hash_per_platform(locked: Locked, key: str) -> None:
     lock = parse_conda_lock_file(lockfile_path(locked.root / "lockfiles", key))
     spec = load_spec(locked.root / "environment-specs", key)
     assert set(lock.metadata.content_hash) == set(spec.platforms)
+    custom = lock.metadata.custom_metadata or {}
     for platform, value in lock.metadata.content_hash.items():
         assert SHA256_RE.fullmatch(value)
-        assert value == content_hash(spec, platform, None)
+        assert custom[HASH_FIELD.format(platform=platform)] == content_hash(spec, platform)
     assert len(set(lock.metadata.content_hash.values())) == len(spec.platforms)
 
 
@@ -351,3 +352,25 @@ def test_skip_pip_without_an_existing_pip_lock_is_an_error(locked: Locked, tmp_p
     with pytest.raises(LockfileError, match="--skip-pip needs an existing"):
         lock_envs(load_config(project, environ={}), [CPU], skip_pip=True)
     assert not (project / "lockfiles" / f"{CPU}.linux-64.pip.txt").exists()
+
+
+# --- channel::package --------------------------------------------------------------------------
+
+
+def test_channel_qualified_dependency_solves_from_the_mirror(locked: Locked,
+                                                             tmp_path: Path) -> None:
+    """``<channel>::pkg`` is read from where the channel is mirrored, and locks the same."""
+    project = copy_project(locked.root, tmp_path / "p")
+    before = lock_bytes(project)[f"{CPU}.conda-lock.yml"]
+    edit_spec(project, CPU, dependencies=["python", f"{SAMPLE_CHANNEL}::pytorch=2.2.1=*cpu*",
+                                          "transformers"])
+    [outcome] = lock_envs(load_config(project, environ={}), [CPU])
+    after = lock_bytes(project)[f"{CPU}.conda-lock.yml"]
+    assert outcome.changed  # the spec's hash changed, not the packages
+    package_part = lambda b: b[b.index(b"\npackage:"):]  # noqa: E731
+    assert package_part(after) == package_part(before)
+
+    edit_spec(project, CPU, dependencies=["python", "elsewhere::pytorch", "transformers"])
+    with pytest.raises(UserError) as info:
+        lock_envs(load_config(project, environ={}), [CPU])
+    assert "names channel 'elsewhere', which is not in the spec's channels" in info.value.message
