@@ -175,3 +175,29 @@ def test_the_venv_python_in_scripts_has_the_prefix_as_sys_prefix(tmp_path: Path)
     out = subprocess.run([str(prefix / "python"), "-c", code], capture_output=True,
                          text=True, check=True, env=env).stdout.split()
     assert out == [str(prefix.parent), "0"]
+
+
+@pytest.mark.windows_only
+@pytest.mark.skipif(sys.platform != "win32", reason="runs the real venvlauncher.exe")
+def test_the_real_launchers_on_windows(tmp_path: Path) -> None:
+    staging = tmp_path / ".staging-x1"
+    for f in windows_python_files(host_python()):
+        (staging / f.path).parent.mkdir(parents=True, exist_ok=True)
+        (staging / f.path).write_bytes(f.content)
+    pkg = staging / "Lib" / "site-packages" / "sample_mod"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("VALUE = 42\n", encoding="utf-8")
+    final = tmp_path / "envs" / "key"
+    for prefix in (staging, final):
+        if prefix == final:
+            final.parent.mkdir()
+            os.replace(staging, final)
+        for python in (prefix / "python.exe", prefix / "Scripts" / "python.exe"):
+            out = _run(python)
+            assert Path(out[0]).resolve() == prefix.resolve(), python
+            assert Path(out[1]).resolve().is_relative_to(prefix.resolve())
+            assert out[3] == "None"  # the host's own site-packages stay out
+        argv = subprocess.run([str(prefix / "python.exe"), "-c",
+                               "import sys; print(sys.argv[1:]); sys.exit(7)", "a b", "c"],
+                              capture_output=True, text=True)
+        assert (argv.returncode, argv.stdout.strip()) == (7, "['a b', 'c']")
