@@ -38,7 +38,6 @@ from provisioner.sample.stack import (
 
 CU121_BNB = ["python", "pytorch=2.2.1=*cuda12.1*", "transformers", "accelerate", "bitsandbytes"]
 CPU = ["python", "pytorch=2.2.1=*cpu*", "transformers"]
-unix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
 
 
 def solve(url: str, specs: list[str], platform: str, cuda: str | None) -> list[Any]:
