@@ -79,7 +79,9 @@ def test_host_python_of_this_interpreter() -> None:
 def test_host_python_of_another_interpreter_and_a_broken_one(tmp_path: Path) -> None:
     other = host_python(str(Path(sys.executable).resolve()))
     assert other.version == host_python().version
-    assert Path(other.home).resolve() == Path(host_python().home).resolve()
+    assert Path(other.executable) == Path(sys.executable).resolve()
+    # POSIX 3.10 reports a venv's own python as _base_executable; 3.11+ and Windows the base
+    assert (Path(other.home) / Path(other.base_executable).name).is_file()
     with pytest.raises(UserError, match="cannot run"):
         host_python(str(tmp_path / "no-such-python"))
 
