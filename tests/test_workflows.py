@@ -155,19 +155,95 @@ def test_the_invocation_parser_itself() -> None:
 # --- what the workflows promise -----------------------------------------------------------
 
 
+# The current major version of every action the workflows use (checked 2026-11: checkout v7,
+# setup-python v7 and cache v6 are the latest majors; actionlint 1.14 knows them).
+CURRENT_ACTIONS = {
+    "actions/checkout": "v7",
+    "actions/setup-python": "v7",
+    "actions/cache": "v6",
+    "peter-evans/create-pull-request": "v8",
+}
+SUPPORTED_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+
+def every_step() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path in WORKFLOWS:
+        for job_id, job in load(path)["jobs"].items():
+            for step in job.get("steps", []):
+                yield path.name, job_id, step
+
+
+def test_every_action_is_pinned_to_its_current_major() -> None:
+    used = [(where, job, step["uses"]) for where, job, step in every_step() if "uses" in step]
+    assert used
+    for where, job, uses in used:
+        name, _, version = uses.partition("@")
+        assert name in CURRENT_ACTIONS, f"{where} {job}: {name} is not in CURRENT_ACTIONS"
+        assert version == CURRENT_ACTIONS[name], f"{where} {job}: {uses}"
+
+
 def test_ci_matrix_and_checks() -> None:
     ci = load(WORKFLOWS[0])
-    assert set(triggers(ci)) == {"push", "pull_request"}
+    on = triggers(ci)
+    assert set(on) == {"push", "pull_request", "workflow_dispatch"}
     tests = ci["jobs"]["tests"]
     matrix = tests["strategy"]["matrix"]
     assert matrix["os"] == ["ubuntu-latest", "windows-latest", "macos-latest"]
-    assert matrix["python-version"] == ["3.10", "3.11", "3.12"]
-    uses = [s.get("uses") for s in tests["steps"]]
-    assert "actions/checkout@v4" in uses and "actions/setup-python@v5" in uses
+    assert matrix["python-version"] == SUPPORTED_PYTHONS
     scripts = "\n".join(run_blocks(WORKFLOWS[0]))
     for command in ('pip install -e ".[test]"', "python -m pytest -q", "provisioner lock --check",
-                    "ruff check .", "mypy provisioner"):
+                    "ruff check .", "mypy provisioner", "actionlint"):
         assert command in scripts
+
+
+def test_a_push_and_its_pull_request_run_once() -> None:
+    ci = load(WORKFLOWS[0])
+    on = triggers(ci)
+    # push runs only for main; a branch under review runs through its pull request
+    assert on["push"] == {"branches": ["main"]}
+    assert on["pull_request"] is None
+    group = ci["concurrency"]["group"]
+    assert "github.event.pull_request.number || github.ref" in group
+    assert ci["concurrency"]["cancel-in-progress"] == "${{ github.event_name == 'pull_request' }}"
+
+
+def test_rattler_and_uv_package_caches_are_cached_and_used() -> None:
+    jobs = load(WORKFLOWS[0])["jobs"]
+    for job_id in ("tests", "wheel"):
+        steps = jobs[job_id]["steps"]
+        [cache] = [s for s in steps if str(s.get("uses", "")).startswith("actions/cache@")]
+        paths = cache["with"]["path"].strip().splitlines()
+        assert paths == ["${{ runner.temp }}/rattler-cache", "${{ runner.temp }}/uv-cache"]
+        assert "${{ runner.os }}" in cache["with"]["key"]
+        assert cache["with"]["restore-keys"]
+        later = steps[steps.index(cache) + 1:]
+        users = [s for s in later if "run" in s and s.get("env", {}).get("RATTLER_CACHE_DIR")]
+        assert users, f"{job_id}: no step after the cache uses it"
+        for step in users:
+            assert step["env"]["RATTLER_CACHE_DIR"] == paths[0]
+            assert step["env"]["UV_CACHE_DIR"] == paths[1]
+        setup = next(s for s in steps if str(s.get("uses", "")).startswith("actions/setup-python"))
+        assert setup["with"]["cache"] == "pip"
+
+
+def test_the_weekly_relock_keeps_rattlers_repodata_cache() -> None:
+    [job] = load(WORKFLOWS[1])["jobs"].values()
+    steps = job["steps"]
+    [cache] = [s for s in steps if str(s.get("uses", "")).startswith("actions/cache@")]
+    paths = cache["with"]["path"].strip().splitlines()
+    relock = next(s for s in steps if "provisioner lock --update-all" in s.get("run", ""))
+    assert steps.index(cache) < steps.index(relock)
+    assert [relock["env"]["RATTLER_CACHE_DIR"], relock["env"]["UV_CACHE_DIR"]] == paths
+
+
+def test_the_wheel_job_runs_the_wheel_check_on_every_os() -> None:
+    wheel = load(WORKFLOWS[0])["jobs"]["wheel"]
+    assert wheel["strategy"]["matrix"]["os"] == ["ubuntu-latest", "windows-latest", "macos-latest"]
+    assert ".ci/wheel-check python" in "\n".join(s.get("run", "") for s in wheel["steps"])
+    script = (REPO / ".ci" / "wheel-check").read_text(encoding="utf-8")
+    for needed in ("pip wheel", "-m venv", 'cd "$work"', "provisioner\" demo --home"):
+        assert needed in script
+    assert ".ci/wheel-check .venv/bin/python" in (REPO / ".ci" / "run").read_text(encoding="utf-8")
 
 
 def test_update_locks_opens_one_pr_only_when_a_lock_changed() -> None:
@@ -179,7 +255,7 @@ def test_update_locks_opens_one_pr_only_when_a_lock_changed() -> None:
     check = next(s for s in steps if "git diff --quiet -- lockfiles/" in s.get("run", ""))
     output = f"steps.{check['id']}.outputs.changed == 'true'"
     pr = next(s for s in steps if str(s.get("uses", "")).startswith("peter-evans/"))
-    assert pr["uses"] == "peter-evans/create-pull-request@v7"
+    assert pr["uses"] == "peter-evans/create-pull-request@v8"
     assert pr["if"] == output
     assert pr["with"]["branch"] == "provisioner/update-locks"
     assert pr["with"]["body-path"] == "lock-diff.md"

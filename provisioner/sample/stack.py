@@ -8,8 +8,9 @@ The sample channel mirrors the names and dependency shapes of the pytorch and
 nvidia channels. Its ``python`` is a ``/bin/sh`` launcher that runs the host
 interpreter with the prefix's ``site-packages`` first on ``sys.path``; a
 ``sitecustomize.py`` in that directory drops the host's own site-packages so an
-env sees only what it installed. The stub ``torch`` reports
-``torch.cuda.is_available()`` as true for CUDA builds unless
+env sees only what it installed. On Windows it is a real ``python.exe``, the
+host's venv launcher (see :mod:`provisioner.sample.host_python`). The stub
+``torch`` reports ``torch.cuda.is_available()`` as true for CUDA builds unless
 ``CUDA_VISIBLE_DEVICES`` is set to the empty string.
 
 Every artifact is byte-deterministic: the same inputs give the same sha256.
@@ -17,18 +18,14 @@ Every artifact is byte-deterministic: the same inputs give the same sha256.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner import processes
-from provisioner.errors import ToolMissingError, UserError
 from provisioner.lock.platforms import is_windows_platform, validate_platform
 from provisioner.lock.wheels import build_wheel
+from provisioner.sample.host_python import HostPython, host_python, windows_python_files
 from provisioner.sample.packages import (
     PREFIX_PLACEHOLDER,
     PackageFile,
@@ -49,39 +46,6 @@ SAMPLE_PLATFORMS = ("linux-64", "win-64")
 PYTORCH_VERSIONS = ("2.1.0", "2.2.1")
 # cuda version -> (cudnn in the pytorch build string, cuda-cudart version)
 CUDA_LINES = {"11.8": ("8.7.0", "11.8.89"), "12.1": ("8.9.2", "12.1.105")}
-
-@dataclass(frozen=True)
-class HostPython:
-    """The interpreter that the sample ``python`` package launches."""
-
-    version: str  # X.Y.Z
-    executable: str
-
-    @property
-    def xy(self) -> str:
-        return ".".join(self.version.split(".")[:2])
-
-
-def host_python(python_executable: str | None = None) -> HostPython:
-    """Version and absolute path of ``python_executable`` (default: this interpreter)."""
-    if python_executable is None or python_executable == sys.executable:
-        version = ".".join(str(n) for n in sys.version_info[:3])
-        return HostPython(version, os.path.abspath(sys.executable))
-    try:
-        result = processes.run(
-            [python_executable, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-            timeout=60,
-        )
-    except ToolMissingError:
-        result = None
-    if result is None or result.returncode != 0:
-        raise UserError(
-            f"cannot run the python interpreter {python_executable!r}",
-            hint="pass the path of a working python 3 interpreter",
-        )
-    out = result.stdout.strip()
-    return HostPython(out, os.path.abspath(python_executable))
-
 
 def _site(subdir: str, xy: str) -> str:
     return "Lib/site-packages" if is_windows_platform(subdir) else f"lib/python{xy}/site-packages"
@@ -140,7 +104,7 @@ def _python_files(subdir: str, py: HostPython) -> list[PackageFile]:
     site = _site(subdir, py.xy)
     marker = _text(f"{site}/_sample_python_marker.py", f'VERSION = "{py.version}"\n')
     if is_windows_platform(subdir):
-        return [marker, _text("python.exe", "provisioner-sample stand-in; never executed\n")]
+        return [marker, *windows_python_files(py)]
     launcher = _LAUNCHER.format(
         site=shlex.quote(f"{PREFIX_PLACEHOLDER}/{site}"), exe=shlex.quote(py.executable)
     ).encode()

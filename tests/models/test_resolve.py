@@ -39,6 +39,8 @@ LLAMA = "meta-llama/Llama-2-7b-hf"
 LLAMA13 = "meta-llama/Llama-2-13b-hf"
 CU121 = "sample-cu121-transformers"
 BNB = "sample-cu121-transformers-bnb"
+# built for the python running the tests (the sample channel's python), not always 3.11
+BNB_ARCHIVE = "bitsandbytes-0.43.1-py{}{}_cuda_sample_0.tar.bz2".format(*sys.version_info[:2])
 CPU = "sample-cpu-transformers"
 HOT_PATH_BUDGET_MS = 5.0
 HEAVY = ("rattler", "conda_lock", "rich")
@@ -281,7 +283,7 @@ def test_ignore_never_uses_legacy(world: World) -> None:
     world.legacy(MISTRAL, HEALTHY)
     res = world.resolve(MISTRAL, policy="ignore")
     assert res.source == "shared"
-    world.corrupt("bitsandbytes-0.43.1-py311_cuda_sample_0.tar.bz2")
+    world.corrupt(BNB_ARCHIVE)
     world.legacy(LLAMA, HEALTHY, bnb="0.43.1")
     with pytest.raises(ResolutionError) as info:
         world.resolve(LLAMA, policy="ignore")
@@ -336,7 +338,7 @@ def _cli(world: World, model: str) -> subprocess.CompletedProcess[str]:
 def test_cli_resolve_json_in_the_demo_scenarios(world: World) -> None:
     world.legacy(MISTRAL, HEALTHY)
     world.legacy(LLAMA, OUTDATED, bnb="0.43.1")
-    world.corrupt("bitsandbytes-0.43.1-py311_cuda_sample_0.tar.bz2")
+    world.corrupt(BNB_ARCHIVE)
     expected = [("gpt2", "shared", 3), ("gpt2", "shared", 1), (MISTRAL, "legacy", 2),
                 (LLAMA, "legacy-degraded", 4)]
     for model, source, attempts in expected:

@@ -18,6 +18,7 @@ import rattler
 import yaml
 from rattler import BuildString, Channel, GenericVirtualPackage, MatchSpec, PackageName, Version
 
+from provisioner.build.layout import python_path
 from provisioner.config import load_config
 from provisioner.errors import UserError
 from provisioner.lock.platforms import host_platform, virtual_packages_for
@@ -37,7 +38,6 @@ from provisioner.sample.stack import (
 
 CU121_BNB = ["python", "pytorch=2.2.1=*cuda12.1*", "transformers", "accelerate", "bitsandbytes"]
 CPU = ["python", "pytorch=2.2.1=*cpu*", "transformers"]
-unix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
 
 
 def solve(url: str, specs: list[str], platform: str, cuda: str | None) -> list[Any]:
@@ -135,7 +135,6 @@ def test_build_conda_package_rejects_bad_input(tmp_path: Path) -> None:
                             files=[PackageFile("x", b"no", text_placeholder=True)])
 
 
-@unix_only
 @pytest.mark.parametrize(
     ("specs", "cuda"), [(CU121_BNB, "12.1"), (CPU, None)], ids=["cu121", "cpu"]
 )
@@ -148,7 +147,7 @@ def test_install_relocated_env_imports(
                                 cache_dir=tmp_path / "pkgs", show_progress=False))
     os.replace(staging, final)
 
-    python = final / "bin" / "python"
+    python = python_path(final)  # bin/python, or on Windows the venv launcher python.exe
     assert os.access(python, os.X_OK)
     code = (
         "import importlib.metadata as md, torch, transformers, numpy\n"
@@ -163,6 +162,10 @@ def test_install_relocated_env_imports(
     assert available == str(cuda is not None)
     assert Path(torch_file).is_relative_to(final)
     assert isolated == "isolated"  # the test venv's packages do not leak in
+    if sys.platform == "win32":  # a real venv there: the env is sys.prefix
+        prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        assert Path(prefix).resolve() == final.resolve()
 
     staging_bytes = str(staging).encode()
     for path in final.rglob("*"):
@@ -200,7 +203,16 @@ def test_win_64_layout(sample_channel: Path) -> None:
     files = read_member(torch, "info/files").decode().splitlines()
     assert "Lib/site-packages/torch/__init__.py" in files
     python = next((sample_channel / "win-64").glob("python-*.tar.bz2"))
-    assert "python.exe" in read_member(python, "info/files").decode().splitlines()
+    files = read_member(python, "info/files").decode().splitlines()
+    assert {"python.exe", "python._pth", "pyvenv.cfg", "Scripts/python.exe"} <= set(files)
+    paths = json.loads(read_member(python, "info/paths.json"))["paths"]
+    assert not [p for p in paths if "prefix_placeholder" in p]  # runs in staging and promoted
+    launcher = read_member(python, "python.exe")
+    assert launcher == read_member(python, "Scripts/python.exe")
+    if sys.platform == "win32":
+        assert launcher[:2] == b"MZ"  # the host's real venvlauncher.exe
+    else:
+        assert b"stand-in" in launcher
 
 
 def test_build_wheel_installs_with_uv(tmp_path: Path) -> None:
