@@ -63,6 +63,10 @@ class IntegrityError(BuildError):
     """A package's content does not match the hash in the lock."""
 
 
+class ImportCheckError(UserError):
+    """A freshly built env cannot import a module its spec lists, or the import hung."""
+
+
 class LockTimeoutError(UserError):
     """Another process held the key's lock for longer than allowed."""
 

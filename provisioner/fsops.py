@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import secrets
-import shutil
+import signal
 import stat
 import sys
 import time
@@ -212,17 +212,22 @@ def _list_dir(path: str, *, repair: bool = False) -> list[os.DirEntry[str]]:
             return list(it)
 
 
-def _remove_tree(top: str) -> None:
+def _remove_tree(top: str, *, keep: str | None = None) -> None:
+    """Delete the tree ``top``; with ``keep`` (a path in it), only what is beside it."""
     # Iterative post-order walk: no recursion limit, never follows links or junctions.
     top_dev = os.lstat(top).st_dev
+    die = os.environ.get("PROVISIONER_TEST_FAULT") == "during-rmtree"  # test hook: kill -9 here
     stack: list[tuple[str, str | None, bool]] = [(top, None, False)]
     while stack:
         directory, parent, listed = stack.pop()
         if listed:
-            _retry_writable(os.rmdir, directory, parent)
+            if directory != top or keep is None:
+                _retry_writable(os.rmdir, directory, parent)
             continue
         stack.append((directory, parent, True))
         for entry in _list_dir(directory, repair=True):
+            if entry.path == keep:
+                continue
             if is_real_dir(entry):
                 # Like rm --one-file-system: a mount inside the tree is someone else's data.
                 if not _IS_WINDOWS and entry.stat(follow_symlinks=False).st_dev != top_dev:
@@ -233,6 +238,21 @@ def _remove_tree(top: str) -> None:
             else:
                 # os.unlink also removes directory symlinks and junctions on Windows.
                 _retry_writable(os.unlink, entry.path, directory)
+                if die:
+                    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _remove_marked_tree(top: str) -> None:
+    """Delete a marked tree, its marker last, so that an interrupted removal can be resumed."""
+    marker = os.path.join(top, MARKER_NAME)
+    role = read_marker(Path(top)) or "env"
+    _remove_tree(top, keep=marker)
+    remove_file(Path(marker))
+    try:
+        _retry_writable(os.rmdir, top, None)
+    except OSError:
+        write_marker(Path(top), role)  # something wrote into it meanwhile: keep it removable
+        raise
 
 
 def _refuse_reason(path: Path) -> str | None:
@@ -255,8 +275,10 @@ def safe_rmtree(path: Path, *, require_marker: bool = True) -> None:
     non-directory, a filesystem root, the home directory or one of its parents,
     and, when ``require_marker``, any directory without provisioner's marker.
     Links inside the tree are unlinked, never followed, so their targets
-    survive. Read-only files and directories are made writable and retried. A
-    missing ``path`` is a no-op.
+    survive. The marker is deleted last: a removal that is interrupted (or
+    that loses a race with a process still writing into the tree) leaves a
+    marked directory that the next call can remove. Read-only files and
+    directories are made writable and retried. A missing ``path`` is a no-op.
     """
     path = Path(os.path.abspath(path))
     try:
@@ -278,7 +300,10 @@ def safe_rmtree(path: Path, *, require_marker: bool = True) -> None:
             f"refusing to delete {path}: it has no {MARKER_NAME} marker",
             hint="provisioner only deletes directories it created; remove it by hand if unwanted",
         )
-    _remove_tree(os_path(path))
+    if has_marker(path):
+        _remove_marked_tree(os_path(path))
+    else:
+        _remove_tree(os_path(path))
 
 
 def rename_with_retry(
@@ -322,53 +347,8 @@ def rename_with_retry(
             delay = min(delay * 2, _MAX_DELAY_S)
 
 
-def _copy_walk(src: str, dst: str) -> None:
-    dirs: list[tuple[str, str]] = []
-    pending = [(src, dst)]
-    while pending:
-        s_dir, d_dir = pending.pop()
-        os.mkdir(d_dir, 0o700)
-        dirs.append((s_dir, d_dir))
-        for entry in _list_dir(s_dir):
-            target = os.path.join(d_dir, entry.name)
-            if entry.is_symlink():
-                link = os.readlink(entry.path)
-                os.symlink(link, target, target_is_directory=_IS_WINDOWS and entry.is_dir())
-            elif is_real_dir(entry):
-                pending.append((entry.path, target))
-            elif entry.is_file(follow_symlinks=False):
-                shutil.copy2(entry.path, target, follow_symlinks=False)
-            else:
-                raise BuildError(f"cannot copy {entry.path}: not a file, directory or symlink")
-    # Modes last and deepest first, so that a read-only directory does not block its children.
-    for s_dir, d_dir in reversed(dirs):
-        shutil.copystat(s_dir, d_dir, follow_symlinks=False)
-
-
 def copy_tree_into(src: Path, dst: Path) -> None:
-    """Copy the tree ``src`` to the new path ``dst`` as one all-or-nothing step.
+    """Copy the tree ``src`` to the new path ``dst``, all or nothing (:mod:`provisioner.fscopy`)."""
+    from provisioner.fscopy import copy_tree_into as copy
 
-    The promotion fallback for when a rename cannot be used (``EXDEV``, or a
-    forced copy). The tree is copied into a temporary sibling of ``dst`` (so on
-    ``dst``'s filesystem), keeping symlinks as symlinks and file modes, then
-    renamed to ``dst``. On any failure the temporary copy is removed and the
-    error re-raised, so ``dst`` is either complete or absent.
-    """
-    if os.path.lexists(dst):
-        raise BuildError(f"cannot copy into {dst}: it already exists")
-    if not os.path.isdir(src) or os.path.islink(src):
-        raise BuildError(f"cannot copy {src}: it is not a directory")
-    tmp = _temp_sibling(dst, "copy")
-    try:
-        _copy_walk(os_path(src), os_path(tmp))
-        if os.path.lexists(dst):
-            raise BuildError(f"cannot copy into {dst}: it appeared while copying")
-        rename_with_retry(tmp, dst)
-    except BaseException:
-        # A failed cleanup must not hide the error that caused it.
-        with contextlib.suppress(OSError, BuildError):
-            safe_rmtree(tmp, require_marker=False)
-        raise
-    fsync_dir(dst.parent)
-
-
+    copy(src, dst)

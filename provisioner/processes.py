@@ -3,13 +3,20 @@
 Children run in their own process group (session on POSIX), with stdin closed
 unless input is given and output captured as UTF-8 text. On timeout the whole
 group is killed, grandchildren included, so a hung solver or installer never
-outlives the command that started it. Non-zero exit codes are data, not
-exceptions; only a missing program raises (``ToolMissingError``).
+outlives the command that started it. On Linux every child also gets
+``PR_SET_PDEATHSIG``: a kill -9 of provisioner kills its direct children too.
+Inside :func:`build_scope` every child carries the build's directory in its
+environment (``PROVISIONER_BUILD_DIR``, inherited by grandchildren) and is
+reported to the scope, so that whatever a dead build left running can be found
+and stopped (:mod:`provisioner.build.orphans`). Non-zero exit codes are data,
+not exceptions; only a missing program raises (``ToolMissingError``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import shutil
@@ -17,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from provisioner.errors import ToolMissingError
 
@@ -35,6 +43,113 @@ _REAP_S = 5.0
 log = logging.getLogger(__name__)
 # The children's own output is detail for -vv; the CLI sets this logger apart.
 _tools_log = logging.getLogger("provisioner.tools")
+BUILD_DIR_ENV = "PROVISIONER_BUILD_DIR"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class _BuildScope:
+    directory: str
+    on_spawn: Callable[[int], None] | None
+
+
+# Per thread (and per asyncio task): threads of one process may build several keys at once.
+_SCOPE: contextvars.ContextVar[_BuildScope | None] = contextvars.ContextVar(
+    "provisioner_build_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def build_scope(
+    directory: Path, on_spawn: Callable[[int], None] | None = None
+) -> Iterator[None]:
+    """Tag every child started in this block (in this thread) as part of the build in ``directory``.
+
+    Each child gets ``PROVISIONER_BUILD_DIR=<directory>`` in its environment,
+    and ``on_spawn(pid)`` is called right after it starts (its pid is also its
+    process group id on POSIX).
+    """
+    token = _SCOPE.set(_BuildScope(str(directory), on_spawn))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl() -> Any:
+    """libc's ``prctl``, loaded in the parent: a forked child should only call it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError, ImportError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return fn
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this thread's process dies."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def start(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """Start ``argv`` the way provisioner starts every child, and return the process.
+
+    The child leads a new session (a new process group on Windows), dies with
+    this process on Linux (``PR_SET_PDEATHSIG``; the thread that calls this
+    must wait for it), and inside :func:`build_scope` carries and reports the
+    build's tag. ``popen`` is passed to :class:`subprocess.Popen` (stdio,
+    encoding). Raises ``ToolMissingError`` if the program does not exist.
+    """
+    args = tuple(str(a) for a in argv)
+    if not args:
+        raise ValueError("start() needs a program to run")
+    executable = _resolve(args[0], env)
+    scope = _SCOPE.get()
+    child_env = None if env is None else dict(env)
+    if scope is not None:
+        child_env = dict(os.environ) if child_env is None else child_env
+        child_env[BUILD_DIR_ENV] = scope.directory
+    try:
+        proc: subprocess.Popen[Any] = subprocess.Popen(
+            [executable, *args[1:]], env=child_env, cwd=cwd,
+            start_new_session=not _IS_WINDOWS, creationflags=_CREATION_FLAGS,
+            preexec_fn=_die_with_parent(), **popen,
+        )
+    except FileNotFoundError:
+        if cwd is not None and not os.path.isdir(cwd):
+            raise
+        raise _missing(args[0]) from None
+    if scope is not None and scope.on_spawn is not None:
+        try:
+            scope.on_spawn(proc.pid)
+        except BaseException:
+            _kill_group(proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=_REAP_S)
+            raise
+    return proc
 
 
 @dataclass(frozen=True)
@@ -87,7 +202,7 @@ def _decode(data: bytes | str | None) -> str:
     return data
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
     if sys.platform == "win32":
         # taskkill /T walks the parent-child tree; proc.kill() covers a missing taskkill.
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -144,25 +259,12 @@ def run(
     args = tuple(str(a) for a in argv)
     if not args:
         raise ValueError("run() needs a program to run")
-    executable = _resolve(args[0], env)
     started = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            [executable, *args[1:]],
-            stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            encoding="utf-8",
-            errors="replace",
-            env=None if env is None else dict(env),
-            cwd=cwd,
-            start_new_session=not _IS_WINDOWS,
-            creationflags=_CREATION_FLAGS,
-        )
-    except FileNotFoundError:
-        if cwd is not None and not os.path.isdir(cwd):
-            raise
-        raise _missing(args[0]) from None
+    proc = start(
+        args, env=env, cwd=cwd,
+        stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+    )
 
     timed_out = False
     try:

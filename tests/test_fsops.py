@@ -632,3 +632,73 @@ def test_remove_file_removes_read_only_files_and_ignores_missing(tmp_path: Path)
     fsops.remove_file(target)
     assert not target.exists()
     fsops.remove_file(target)  # already gone: no error
+
+
+# --- the marker goes last ----------------------------------------------------
+
+
+def _marked_tree(root: Path) -> Path:
+    tree = root / "stage"
+    (tree / "lib" / "deep").mkdir(parents=True)
+    for i in range(5):
+        (tree / "lib" / "deep" / f"f{i}").write_text("x")
+    (tree / "top.txt").write_text("x")
+    fsops.write_marker(tree, "env")
+    return tree
+
+
+def test_safe_rmtree_deletes_the_marker_last(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = _marked_tree(tmp_path)
+    order: list[str] = []
+    real_unlink = os.unlink
+
+    def spy(path: str, *args: object, **kwargs: object) -> None:
+        order.append(os.path.basename(path))
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", spy)
+    fsops.safe_rmtree(tree)
+    assert not tree.exists()
+    assert order[-1] == fsops.MARKER_NAME and order.count(fsops.MARKER_NAME) == 1
+    assert len(order) == 7
+
+
+def test_an_interrupted_removal_can_be_resumed(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = _marked_tree(tmp_path)
+    real_unlink = os.unlink
+    calls = []
+
+    def dies_on_third(path: str, *args: object, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as good as a kill for what is left on disk
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        fsops.safe_rmtree(tree)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert fsops.has_marker(tree)  # still provably ours
+    fsops.safe_rmtree(tree)  # so the next attempt needs no help
+    assert not tree.exists()
+
+
+def test_a_write_during_removal_leaves_the_tree_marked(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = _marked_tree(tmp_path)
+    real_rmdir = os.rmdir
+
+    def late_writer(path: str, *args: object, **kwargs: object) -> None:
+        if os.path.abspath(path) == str(tree) and not (tree / "late.pyc").exists():
+            (tree / "late.pyc").write_text("x")  # a process still writing into the tree
+        real_rmdir(path)
+
+    monkeypatch.setattr(os, "rmdir", late_writer)
+    with pytest.raises(OSError):
+        fsops.safe_rmtree(tree)
+    assert fsops.read_marker(tree) == "env"
+    monkeypatch.setattr(os, "rmdir", real_rmdir)
+    fsops.safe_rmtree(tree)
+    assert not tree.exists()

@@ -212,3 +212,56 @@ def test_no_timeout_when_fast() -> None:
     result = run([PY, "-c", "print('quick')"], timeout=30)
     assert not result.timed_out
     assert result.stdout == "quick\n"
+
+
+# --- builds: tags, process groups, death with the parent ----------------------
+
+
+def test_children_in_a_build_scope_carry_its_tag_and_are_reported(tmp_path: Path) -> None:
+    from provisioner.processes import BUILD_DIR_ENV, build_scope
+
+    spawned: list[int] = []
+    code = f"import os; print(os.getpid(), os.getpgid(0), os.environ.get({BUILD_DIR_ENV!r}))"
+    with build_scope(tmp_path, on_spawn=spawned.append):
+        inside = run([sys.executable, "-c", code], timeout=60, env={"PATH": os.defpath})
+    outside = run([sys.executable, "-c", code], timeout=60)
+    pid, pgid, tag = inside.stdout.split()
+    assert tag == str(tmp_path) and spawned == [int(pid)]
+    if sys.platform != "win32":
+        assert pgid == pid  # it leads its own process group
+    assert outside.stdout.split()[2] == "None"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_its_killed_parent(tmp_path: Path) -> None:
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    child_code = ("import os, sys, time\n"
+                  "open(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    parent_code = ("import sys\nfrom provisioner.processes import run\n"
+                   "run([sys.executable, '-c', sys.argv[1], sys.argv[2]], timeout=300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, child_code, str(pid_file)])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait(timeout=60)
+
+    def alive() -> bool:
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+        except OSError:
+            return False
+        return stat[stat.rfind(")") + 2] not in "ZX"
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not alive(), "the child outlived its SIGKILLed parent"
+    finally:
+        if alive():
+            os.kill(child, signal.SIGKILL)

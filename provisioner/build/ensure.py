@@ -20,18 +20,20 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provisioner import fsops
+from provisioner import fsops, processes
+from provisioner.build import orphans
 from provisioner.build.backends import ProgressSink, choose_backend
 from provisioner.build.cuda import CudaCheck
 from provisioner.build.env_checks import (
+    IMPORT_TIMEOUT_ENV,
     check_imports,
+    check_python_prefix,
     check_records,
     find_staging_path,
     site_packages,
 )
 from provisioner.build.fingerprint import (
     Fingerprint,
-    mark_in_progress,
     read_fingerprint,
     tool_version,
     write_fingerprint,
@@ -40,7 +42,7 @@ from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
 from provisioner.build.plan import EnsurePlan, make_plan
 from provisioner.config import Config
-from provisioner.errors import BuildError, CudaMismatchError, ProvisionerError
+from provisioner.errors import BuildError, CudaMismatchError, ImportCheckError, ProvisionerError
 from provisioner.lock.lockfile import LockData, LockedPackage
 
 log = logging.getLogger(__name__)
@@ -136,8 +138,10 @@ def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> En
             log.info("removing interrupted build %s", stale.name)
             # A kill right after the staging dir's mkdir leaves it without a marker.
             if not fsops.remove_unmarked_stub(stale):
+                orphans.stop_build_processes(stale)
                 fsops.safe_rmtree(stale)
         if plan.prefix.exists():
+            orphans.stop_build_processes(plan.prefix)  # an in-place (conda) build
             _discard(layout, plan.prefix)
         return _build(config, layout, plan, opts, start, waited)
 
@@ -214,8 +218,12 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     target = final if backend.builds_in_place else layout.staging / stage_name
     target.mkdir(parents=True)
     fsops.write_marker(target, "env")
-    mark_in_progress(target, f"building {plan.key} generation {plan.generation} pid {os.getpid()}")
+    orphans.mark_building(target, f"building {plan.key} generation {plan.generation}")
     fault_point("after-mark")
+    # Every child started from here on carries the build's tag and is recorded in its marker.
+    scope = contextlib.ExitStack()
+    scope.enter_context(processes.build_scope(
+        Path(orphans.build_tag(target)), on_spawn=lambda pid: orphans.record_child(target, pid)))
     try:
         backend.install(artifacts, target=target, final=final,
                         cache_dir=layout.package_cache, progress=opts.progress)
@@ -229,6 +237,8 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
                          lock.for_platform(plan.platform, "pip"))
         fault_point("after-pip")
         _verify_stage(target, final, packages, spec.imports, site, plan)
+        # Nothing a package's import started may still write into the env once it is sealed.
+        orphans.stop_build_processes(target)
         fault_point("before-fingerprint")
         write_fingerprint(target, Fingerprint(
             key=plan.key, platform=plan.platform, lock_hash=plan.lock_hash,
@@ -241,11 +251,15 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
         if target != final:
             _promote(config, target, final)
     except BaseException:
+        with contextlib.suppress(OSError):  # must not hide the error that got us here
+            orphans.stop_build_processes(target)
         if target != final or not final.exists():
             fsops.safe_rmtree(target)
         else:
             _discard(layout, final)
         raise
+    finally:
+        scope.close()
     fault_point("before-pointer")
     previous = plan.active_generation
     fsops.replace_pointer(layout.pointer(plan.key), plan.generation)
@@ -279,8 +293,15 @@ def _verify_stage(target: Path, final: Path, packages: Sequence[LockedPackage],
             raise BuildError(f"{plan.key}: {len(leaked)} file(s) still name the staging path, "
                              f"e.g. {leaked[0]}", hint="the package may not be relocatable")
     report = check_imports(python_path(target, plan.platform), imports, extra_path=site)
+    if report.details.get("timed_out"):
+        raise ImportCheckError(
+            f"{plan.key}: the import check timed out ({', '.join(imports)}); nothing was promoted",
+            hint=f"a module's import hangs; fix it, or raise {IMPORT_TIMEOUT_ENV} (seconds)")
     if not report.ok:
-        raise BuildError(f"{plan.key}: " + "; ".join(report.problems))
+        raise ImportCheckError(
+            f"{plan.key}: the built env fails its import check: " + "; ".join(report.problems),
+            hint="nothing was promoted; fix the spec's packages or its x-provisioner imports, "
+                 "then relock")
 
 
 def _promote(config: Config, target: Path, final: Path) -> None:
@@ -299,7 +320,8 @@ def _promote(config: Config, target: Path, final: Path) -> None:
 
 def _check_promoted(layout: HomeLayout, plan: EnsurePlan, imports: tuple[str, ...],
                     previous: str | None) -> None:
-    report = check_imports(plan.python, imports or ("sys",))
+    # The imports were checked in staging; a rename only has to leave a python that starts here.
+    report = check_python_prefix(plan.python, plan.prefix)
     if report.ok:
         return
     if previous and previous != plan.generation:

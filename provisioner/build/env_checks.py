@@ -4,7 +4,10 @@
 * :func:`check_files`: every recorded file exists (quick) and, with ``deep``, has
   the recorded sha256 (``sha256_in_prefix`` for files patched at install, as
   ``conda doctor`` does).
-* :func:`check_imports`: the env's python imports the spec's modules.
+* :func:`check_imports`: the env's python imports the spec's modules (once, in
+  staging; it writes no ``.pyc`` into the env, and a timeout stops it).
+* :func:`check_python_prefix`: the env's python starts and reports the env as
+  ``sys.prefix`` (what is checked after promotion: a rename changes nothing else).
 * :func:`find_staging_path`: no file (``.pyc`` aside) still names the staging path.
 """
 
@@ -23,6 +26,8 @@ from provisioner.lock.lockfile import LockedPackage
 from provisioner.lock.platforms import is_windows_platform
 
 IMPORT_TIMEOUT_S = 300.0
+IMPORT_TIMEOUT_ENV = "PROVISIONER_IMPORT_TIMEOUT"
+PREFIX_TIMEOUT_S = 60.0
 _IMPORT_PROBE = (
     "import importlib, json, sys\n"
     "out = {}\n"
@@ -123,27 +128,51 @@ def check_files(prefix: Path, *, deep: bool = False) -> CheckReport:
     )
 
 
-def check_imports(
-    python: Path, imports: Sequence[str], *, extra_path: Path | None = None
-) -> CheckReport:
-    """Import each module in the env's python (a fresh process) and report failures."""
-    if not imports:
-        return CheckReport()
-    if not python.exists():
-        return CheckReport((f"interpreter {python} does not exist",))
+def import_timeout() -> float:
+    """Seconds the import check may take: ``PROVISIONER_IMPORT_TIMEOUT``, else 300."""
+    try:
+        value = float(os.environ.get(IMPORT_TIMEOUT_ENV, ""))
+    except ValueError:
+        return IMPORT_TIMEOUT_S
+    return value if value > 0 else IMPORT_TIMEOUT_S
+
+
+def _python_env(extra_path: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONHOME", None)
+    # The build writes exactly the packages' files: no .pyc as a side effect of a check.
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     if extra_path is not None:
         # A staged env's launcher may already name the final prefix; point it at the stage.
         env["PYTHONPATH"] = str(extra_path)
     else:
         env.pop("PYTHONPATH", None)
+    return env
+
+
+def check_imports(
+    python: Path, imports: Sequence[str], *, extra_path: Path | None = None,
+    timeout: float | None = None,
+) -> CheckReport:
+    """Import each module in the env's python (a fresh process) and report failures.
+
+    Writes no ``.pyc`` files. After ``timeout`` seconds (default
+    :func:`import_timeout`) the probe and everything it started are killed and
+    the report's ``details["timed_out"]`` is true.
+    """
+    if not imports:
+        return CheckReport()
+    if not python.exists():
+        return CheckReport((f"interpreter {python} does not exist",))
+    limit = import_timeout() if timeout is None else timeout
     result = processes.run(
-        [str(python), "-c", _IMPORT_PROBE, *imports], timeout=IMPORT_TIMEOUT_S, env=env
+        [str(python), "-c", _IMPORT_PROBE, *imports], timeout=limit, env=_python_env(extra_path)
     )
     if not result.ok:
-        why = "timed out" if result.timed_out else (result.stderr.strip() or "failed")
-        return CheckReport((f"import probe failed: {why.splitlines()[-1]}",), len(imports))
+        why = f"timed out after {limit:g} s" if result.timed_out else (
+            result.stderr.strip() or "failed")
+        return CheckReport((f"import probe failed: {why.splitlines()[-1]}",), len(imports),
+                           {"timed_out": result.timed_out})
     try:
         data = json.loads(result.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -152,6 +181,22 @@ def check_imports(
         f"import {name}: {info.get('error')}" for name, info in data.items() if not info.get("ok")
     )
     return CheckReport(problems, len(imports), {"imports": data})
+
+
+def check_python_prefix(python: Path, prefix: Path) -> CheckReport:
+    """The env's python starts and its ``sys.prefix`` is ``prefix``."""
+    if not python.exists():
+        return CheckReport((f"interpreter {python} does not exist",))
+    result = processes.run([str(python), "-c", "import sys; print(sys.prefix)"],
+                           timeout=PREFIX_TIMEOUT_S, env=_python_env(None))
+    if not result.ok:
+        why = "timed out" if result.timed_out else (result.stderr.strip() or "failed")
+        return CheckReport((f"python does not start: {why.splitlines()[-1]}",), 1)
+    lines = result.stdout.strip().splitlines()
+    reported = lines[-1] if lines else ""
+    if not reported or os.path.realpath(reported) != os.path.realpath(prefix):
+        return CheckReport((f"sys.prefix is {reported or 'empty'}, not {prefix}",), 1)
+    return CheckReport((), 1)
 
 
 def find_staging_path(prefix: Path, staging: str, *, trust_hardlinks: bool = True) -> list[str]:

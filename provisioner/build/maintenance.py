@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from provisioner import fsops
+from provisioner.build import orphans
 from provisioner.build.env_checks import check_files, check_records
 from provisioner.build.fingerprint import fingerprint_path, in_progress_path, read_fingerprint
 from provisioner.build.key_lock import hold_key_lock, is_key_locked
@@ -235,6 +236,8 @@ class _Collector:
         size = fsops.tree_size(path)
         if not self.dry_run:
             try:
+                if kind == "staging":  # its build is dead: stop what it left running first
+                    orphans.stop_build_processes(path)
                 # Only trash entries may lack the marker: they were renamed there by
                 # provisioner, and a partly deleted tree may have lost it already.
                 fsops.safe_rmtree(path, require_marker=kind != "trash")

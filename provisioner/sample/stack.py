@@ -76,6 +76,10 @@ _here = os.path.dirname(os.path.abspath(__file__))
 _foreign = {os.path.normcase(p) for p in site.getsitepackages() if os.path.normcase(p) != _here}
 sys.path[:] = [p for p in sys.path if os.path.normcase(os.path.abspath(p or ".")) not in _foreign]
 site.addsitedir(_here)  # processes .pth files, which PYTHONPATH alone does not
+# A conda python's sys.prefix is its env (lib/pythonX.Y/site-packages, or Lib/site-packages).
+_lib = os.path.dirname(_here)
+sys.prefix = sys.exec_prefix = os.path.dirname(
+    _lib if os.path.basename(_lib).lower() == "lib" else os.path.dirname(_lib))
 '''
 _LAUNCHER = """#!/bin/sh
 # provisioner-sample "python": the host interpreter with this prefix's packages.

@@ -34,8 +34,8 @@ from provisioner.build.layout import HomeLayout, read_pointer
 from provisioner.build.plan import make_plan
 from provisioner.config import Config, load_config
 from provisioner.errors import (
-    BuildError,
     CudaMismatchError,
+    ImportCheckError,
     IntegrityError,
     LockfileError,
     LockTimeoutError,
@@ -237,10 +237,10 @@ def test_force_copy_promotes_by_copy(project: SampleProject, tmp_path: Path,
     assert result.action == "build"
     assert len(copies) == 1 and copies[0][1] == result.prefix
     assert copies[0][0].parent == layout.staging
-    # A copy is a new inode; the rattler cache entry is a different file.
+    # The copy keeps rattler's hardlinks to the package cache (same filesystem here).
     cache_file = next(layout.package_cache.glob("pytorch-*/lib/python*/site-packages/torch/"
                                                 "__init__.py"))
-    assert os.stat(_torch_init(result.prefix)).st_ino != os.stat(cache_file).st_ino
+    assert os.stat(_torch_init(result.prefix)).st_ino == os.stat(cache_file).st_ino
     assert run_python(result.python, "import torch, transformers; print(torch.__version__)") \
         == "2.2.1"
     assert staging_entries(layout) == []
@@ -419,8 +419,9 @@ def test_failed_import_check_leaves_nothing(project: SampleProject, tmp_path: Pa
                     "  - torch\n  - transformers\n  - no_such_module_xyz\n")
     config = config_for(root, tmp_path)
     layout = HomeLayout(config.home)
-    with pytest.raises(BuildError, match="no_such_module_xyz"):
+    with pytest.raises(ImportCheckError, match="no_such_module_xyz") as err:
         ensure(config, CPU)
+    assert err.value.exit_code == 2 and err.value.hint and "nothing was promoted" in err.value.hint
     assert staging_entries(layout) == []
     assert read_pointer(layout, CPU) is None
     assert not layout.key_dir(CPU).exists() or not any(layout.key_dir(CPU).iterdir())

@@ -1,0 +1,97 @@
+"""Copy promotion: copy a tree into place, keeping its link structure.
+
+The fallback of promotion when a rename cannot be used (``EXDEV``, or a forced
+copy on Windows and cross-filesystem setups). An env that rattler hardlinked
+from the package cache stays hardlinked to it, so a copied env costs the same
+disk as a renamed one. Split from :mod:`provisioner.fsops` (which it uses for
+renames and cleanup) to keep that module small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from provisioner.errors import BuildError
+from provisioner.fsops import (
+    _IS_WINDOWS,
+    _list_dir,
+    _temp_sibling,
+    fsync_dir,
+    rename_with_retry,
+    safe_rmtree,
+)
+from provisioner.paths import is_real_dir, os_path
+
+
+def _copy_file(path: str, target: str, same_fs: bool, links: dict[tuple[int, int], str]) -> None:
+    """Copy one file; a hardlinked one (from the package cache) is linked, not copied."""
+    st = os.lstat(path)
+    ident = (st.st_dev, st.st_ino)
+    if st.st_nlink > 1:
+        for source in (links.get(ident), path if same_fs else None):
+            if source is not None:
+                with contextlib.suppress(OSError):
+                    os.link(source, target)
+                    return
+    shutil.copy2(path, target, follow_symlinks=False)
+    if st.st_nlink > 1:
+        links.setdefault(ident, target)
+
+
+def _copy_walk(src: str, dst: str) -> None:
+    dirs: list[tuple[str, str]] = []
+    pending = [(src, dst)]
+    same_fs = os.lstat(src).st_dev == os.lstat(os.path.dirname(dst)).st_dev
+    links: dict[tuple[int, int], str] = {}
+    while pending:
+        s_dir, d_dir = pending.pop()
+        os.mkdir(d_dir, 0o700)
+        dirs.append((s_dir, d_dir))
+        for entry in _list_dir(s_dir):
+            target = os.path.join(d_dir, entry.name)
+            if entry.is_symlink():
+                link = os.readlink(entry.path)
+                os.symlink(link, target, target_is_directory=_IS_WINDOWS and entry.is_dir())
+            elif is_real_dir(entry):
+                pending.append((entry.path, target))
+            elif entry.is_file(follow_symlinks=False):
+                _copy_file(entry.path, target, same_fs, links)
+            else:
+                raise BuildError(f"cannot copy {entry.path}: not a file, directory or symlink")
+    # Modes last and deepest first, so that a read-only directory does not block its children.
+    for s_dir, d_dir in reversed(dirs):
+        shutil.copystat(s_dir, d_dir, follow_symlinks=False)
+
+
+def copy_tree_into(src: Path, dst: Path) -> None:
+    """Copy the tree ``src`` to the new path ``dst`` as one all-or-nothing step.
+
+    The promotion fallback for when a rename cannot be used (``EXDEV``, or a
+    forced copy). The tree is copied into a temporary sibling of ``dst`` (so on
+    ``dst``'s filesystem), keeping symlinks as symlinks, hardlinks as hardlinks
+    (to the same inode when ``src`` is on ``dst``'s filesystem, so an env
+    linked from the package cache stays linked to it) and file modes, then
+    renamed to ``dst``. On any failure the temporary copy is removed and the
+    error re-raised, so ``dst`` is either complete or absent.
+    """
+    if os.path.lexists(dst):
+        raise BuildError(f"cannot copy into {dst}: it already exists")
+    if not os.path.isdir(src) or os.path.islink(src):
+        raise BuildError(f"cannot copy {src}: it is not a directory")
+    tmp = _temp_sibling(dst, "copy")
+    try:
+        _copy_walk(os_path(src), os_path(tmp))
+        if os.path.lexists(dst):
+            raise BuildError(f"cannot copy into {dst}: it appeared while copying")
+        rename_with_retry(tmp, dst)
+    except BaseException:
+        # A failed cleanup must not hide the error that caused it.
+        with contextlib.suppress(OSError, BuildError):
+            safe_rmtree(tmp, require_marker=False)
+        raise
+    fsync_dir(dst.parent)
+
+
