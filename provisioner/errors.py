@@ -60,7 +60,13 @@ class BuildError(ProvisionerError):
 
 
 class IntegrityError(BuildError):
-    """A package's content does not match the hash in the lock."""
+    """A package's content does not match the hash in the lock.
+
+    Exit code 2: the archive or the lock changed (a relock or a restored mirror
+    fixes it), which is not a bug of provisioner.
+    """
+
+    exit_code = EXIT_USER_ERROR
 
 
 class ImportCheckError(UserError):

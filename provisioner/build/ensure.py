@@ -42,7 +42,13 @@ from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
 from provisioner.build.plan import EnsurePlan, make_plan
 from provisioner.config import Config
-from provisioner.errors import BuildError, CudaMismatchError, ImportCheckError, ProvisionerError
+from provisioner.errors import (
+    BuildError,
+    CudaMismatchError,
+    ImportCheckError,
+    IntegrityError,
+    ProvisionerError,
+)
 from provisioner.lock.lockfile import LockData, LockedPackage
 
 log = logging.getLogger(__name__)
@@ -212,7 +218,12 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     cuda = _cuda_gate(plan, lock, opts)
 
     sources = resolve_channels(lock.channels or spec.channels, config)
-    artifacts = verify_artifacts(packages, sources, layout.package_cache)
+    try:
+        artifacts = verify_artifacts(packages, sources, layout.package_cache)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{plan.key}: {exc.message}", hint=(
+            f"if the channel rebuilt that archive, run 'provisioner lock {plan.key}' to relock "
+            "it; otherwise restore the archive or fix the mirror")) from None
     final = plan.prefix
     stage_name = f"{layout.staging_prefix(plan.key)}{plan.generation}.{secrets.token_hex(3)}"
     target = final if backend.builds_in_place else layout.staging / stage_name

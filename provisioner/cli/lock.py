@@ -74,6 +74,8 @@ def lock_cmd(
                            else "") for p, n in o.counts.items())
         state = "updated" if o.changed else "unchanged"
         click.echo(f"{o.key}: {state} {config.locks_dir.name}/{o.lockfile.name} ({counts})")
+        for item in o.refreshed:
+            click.echo(f"  relocked {item.describe()}")
         for line in render_text(diffs[o.key]) if o.key in diffs else []:
             click.echo(f"  {line}")
 

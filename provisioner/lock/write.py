@@ -28,6 +28,7 @@ from provisioner.lock.check import (
 )
 from provisioner.lock.lockfile import LockData, LockedPackage
 from provisioner.lock.pip_layer import lock_pip_layer
+from provisioner.lock.refresh import ChangedArchive, changed_archives
 from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec, spec_path
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,14 @@ class LockOutcome:
     pip_counts: dict[str, int]  # platform -> number of manager: pip entries
     old: LockData | None
     new: LockData
+    refreshed: tuple[ChangedArchive, ...] = ()  # archives relocked: other bytes, same name
 
     def to_dict(self) -> dict[str, object]:
         return {
             "key": self.key,
             "lockfile": str(self.lockfile),
             "changed": self.changed,
+            "refreshed": [c.to_dict() for c in self.refreshed],
             "conda_packages": self.counts,
             "pip_packages": self.pip_counts,
         }
@@ -88,6 +91,7 @@ def _solve_key(
     update: Sequence[str],
     update_all: bool,
     skip_pip: bool,
+    refreshed: list[ChangedArchive] | None = None,
 ) -> LockData:
     from provisioner.lock.conda_lock_io import conda_lock_content_hashes
     from provisioner.lock.solve import exact_constraint, solve_platform
@@ -101,7 +105,14 @@ def _solve_key(
         if update:
             constraints = [exact_constraint(p) for p in locked_before if p.name not in update]
         elif not update_all:
-            preferred = _preferred_records(locked_before, sources)
+            changed = changed_archives(locked_before, sources, platform)
+            if refreshed is not None:
+                refreshed += changed
+            stale = {c.file_name for c in changed}
+            # Held at their version and build, but solved from the channel's record.
+            constraints = [exact_constraint(p) for p in locked_before if p.file_name in stale]
+            preferred = _preferred_records(
+                [p for p in locked_before if p.file_name not in stale], sources)
         log.info("solving %s for %s", spec.key, platform)
         solved = solve_platform(
             key=spec.key,
@@ -211,10 +222,11 @@ def lock_envs(
         old = _read_existing(lock_path)
         if update:
             _check_update(spec.key, old, update)
-        data = _solve_key(spec, config, old, update, update_all, skip_pip)
-        solved.append((spec, lock_path, old, data, _render(data, lock_path.name)))
+        refreshed: list[ChangedArchive] = []
+        data = _solve_key(spec, config, old, update, update_all, skip_pip, refreshed)
+        solved.append((spec, lock_path, old, data, _render(data, lock_path.name), refreshed))
     outcomes = []
-    for spec, lock_path, old, data, rendered in solved:
+    for spec, lock_path, old, data, rendered, refreshed in solved:
         config.locks_dir.mkdir(parents=True, exist_ok=True)
         changed = not lock_path.is_file() or lock_path.read_bytes() != rendered
         if changed:
@@ -229,6 +241,7 @@ def lock_envs(
                             if spec.pip_for(p)},
                 old=old,
                 new=data,
+                refreshed=tuple(refreshed),
             )
         )
     return outcomes
