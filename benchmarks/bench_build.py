@@ -17,6 +17,8 @@ It prints medians of ``--repeat`` runs measured in one process, ratios against
 the targets, and where the time of one warm ``ensure`` goes (phase timers
 wrapped around provisioner's functions; ``--profile`` adds a cProfile listing).
 Nothing is asserted: it always exits 0 and prints PASS or MISS per target.
+``benchmarks/bench_phases.py`` splits a whole-process warm ensure into install /
+checks / promote, before and after a change (``--baseline-src``).
 """
 
 from __future__ import annotations
@@ -214,9 +216,10 @@ _PHASES = [  # (module, attribute, label); class methods as "Class.method"
     ("provisioner.build.ensure", "check_records", "check_records (conda-meta)"),
     ("provisioner.build.ensure", "find_staging_path", "find_staging_path (read every file)"),
     ("provisioner.build.ensure", "check_imports", "check_imports (staged; subprocess)"),
+    ("provisioner.build.orphans", "stop_build_processes", "stop_build_processes (/proc scan)"),
     ("provisioner.build.ensure", "write_fingerprint", "write_fingerprint"),
     ("provisioner.build.ensure", "_promote", "_promote (rename)"),
-    ("provisioner.build.ensure", "_check_promoted", "_check_promoted (python -c subprocess)"),
+    ("provisioner.build.ensure", "_check_promoted", "_check_promoted (sys.prefix subprocess)"),
 ]
 
 

@@ -36,6 +36,7 @@ from provisioner.processes import BUILD_DIR_ENV
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 10.0
 _SCAN_ROUNDS = 5
+_TICK_SLACK = 100
 _PROC = Path("/proc")
 
 
@@ -44,14 +45,25 @@ def build_tag(directory: Path) -> str:
     return os.path.realpath(directory)
 
 
+def _boot_ticks() -> int | None:
+    """Now, in the unit of ``/proc/<pid>/stat``'s start time (clock ticks since boot)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def mark_building(prefix: Path, detail: str) -> None:
-    """Write the in-progress marker: what is built, and by which process."""
+    """Write the in-progress marker: what is built, and by which process, since when."""
     pid = os.getpid()
     record = {
         "detail": detail,
         "host": socket.gethostname(),
         "pid": pid,
         "pgid": os.getpgid(pid) if hasattr(os, "getpgid") else None,
+        "started": _boot_ticks(),
         "children": [],
     }
     fsops.atomic_write_text(in_progress_path(prefix), json.dumps(record, sort_keys=True) + "\n")
@@ -86,15 +98,15 @@ def _recorded_groups(record: dict[str, object]) -> set[int]:
     return {c for c in children if isinstance(c, int) and c > 1}
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, pgid, sid) of a live process, from ``/proc/<pid>/stat``."""
+def _stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, pgid, sid, start time) of a process, from ``/proc/<pid>/stat``."""
     try:
         data = (_PROC / str(pid) / "stat").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     fields = data[data.rfind(")") + 2:].split()
     try:
-        return fields[0], int(fields[2]), int(fields[3])
+        return fields[0], int(fields[2]), int(fields[3]), int(fields[19])
     except (IndexError, ValueError):
         return None
 
@@ -121,7 +133,7 @@ def _holds_open(pid: int, tag: str) -> bool:
     return False
 
 
-def _linux_members(tag: str, groups: set[int]) -> list[int]:
+def _linux_members(tag: str, groups: set[int], since: int | None) -> list[int]:
     needle = f"{BUILD_DIR_ENV}={tag}".encode()
     me = os.getpid()
     found = []
@@ -132,6 +144,8 @@ def _linux_members(tag: str, groups: set[int]) -> list[int]:
         info = _stat(pid)
         if info is None or info[0] in ("Z", "X"):
             continue
+        if since is not None and info[3] < since:
+            continue  # older than the build: cannot be one of its processes
         if _carries_tag(pid, needle) or (
             (info[1] in groups or info[2] in groups) and _holds_open(pid, tag)
         ):
@@ -152,7 +166,11 @@ def stop_build_processes(directory: Path, *, wait: float = STOP_WAIT_S) -> list[
     seconds for the killed processes to be gone.
     """
     tag = build_tag(directory)
-    groups = _recorded_groups(read_record(directory))
+    record = read_record(directory)
+    groups = _recorded_groups(record)
+    started = record.get("started") if record.get("host") == socket.gethostname() else None
+    # About a second of slack for rounding between this clock and /proc's.
+    since = started - _TICK_SLACK if isinstance(started, int) else None
     if sys.platform == "win32":
         return []
     if not sys.platform.startswith("linux") or not _PROC.is_dir():
@@ -162,7 +180,7 @@ def stop_build_processes(directory: Path, *, wait: float = STOP_WAIT_S) -> list[
         return sorted(groups)
     stopped: list[int] = []
     for _ in range(_SCAN_ROUNDS):  # a process may fork between a scan and its kill
-        members = _linux_members(tag, groups)
+        members = _linux_members(tag, groups, since)
         if not members:
             break
         for pid in members:
