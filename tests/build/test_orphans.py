@@ -265,3 +265,37 @@ def test_import_check_timeout_is_its_own_error(project: Path, tmp_path: Path) ->
         assert _staging(home) == []
     finally:
         _kill_all(pids)
+
+
+def test_gc_stops_what_a_dead_build_left_before_removing_it(tmp_path: Path) -> None:
+    from provisioner import fsops
+    from provisioner.build.maintenance import collect_garbage
+    from provisioner.build.orphans import build_tag, mark_building
+    from provisioner.processes import BUILD_DIR_ENV
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "provisioner.toml").write_text('home = "home"\n', encoding="utf-8")
+    config = load_config(project, environ={})
+    stage = HomeLayout(config.home).staging / f"{KEY}.0123456789ab.abcdef"
+    stage.mkdir(parents=True)
+    fsops.write_marker(stage, "env")
+    mark_building(stage, "a build that was killed")
+    env = {**os.environ, BUILD_DIR_ENV: build_tag(stage)}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\nwhile True:\n"
+         "    open(os.path.join(sys.argv[1], 'late.pyc'), 'w').close(); time.sleep(0.01)",
+         str(stage)], env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not (stage / "late.pyc").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        report = collect_garbage(config)
+        assert [item.path for item in report.removed] == [stage], report.skipped
+        assert writer.wait(timeout=WAIT_S) == -signal.SIGKILL
+        assert not stage.exists()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
