@@ -174,6 +174,8 @@ def stop_build_processes(directory: Path, *, wait: float = STOP_WAIT_S) -> list[
     if sys.platform == "win32":
         return []
     if not sys.platform.startswith("linux") or not _PROC.is_dir():
+        if record.get("pid") == os.getpid():
+            return []  # our own, finished children: their group ids may be reused already
         for group in sorted(groups):
             with contextlib.suppress(OSError):
                 os.killpg(group, signal.SIGKILL)
