@@ -255,7 +255,7 @@ def test_failed_import_exits_2_and_stops_its_children(project: Path, tmp_path: P
 def test_import_check_timeout_is_its_own_error(project: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     proc = _start(project, _env(home, tmp_path / "pids", SLOWIMPORT_SECONDS="120",
-                                PROVISIONER_IMPORT_TIMEOUT="2"))
+                                PROVISIONER_IMPORT_TIMEOUT="10"))
     _out, err = proc.communicate(timeout=WAIT_S)
     pids = _pids(tmp_path / "pids")
     try:
