@@ -435,7 +435,7 @@ def run(root: Path, args: argparse.Namespace) -> None:
     if imports:
         say("    of which check_imports calls: "
             + ", ".join(f"{v * 1000:.1f} ms" for v in imports)
-            + " (the staged one has no imports to check; the promoted one runs 'import sys')")
+            + " (the bench specs list no imports; after promotion only sys.prefix is checked)")
     install = sum(spent.get(_PHASES[6][2], []))
     say(f"  => ensure overhead beyond rattler.install in this run: {t_phased - install:.3f} s")
     say(f"  {t_phased - accounted:8.3f} s {100 * (t_phased - accounted) / t_phased:5.1f}%  "
