@@ -117,7 +117,7 @@ def bare_records(config: Config, key: str, scratch: Path) -> list[Any]:
     from provisioner.build.artifacts import verify_artifacts
     from provisioner.lock.channels import resolve_channels
     from provisioner.lock.check import lockfile_path
-    from provisioner.lock.conda_lock_io import read_lockfile
+    from provisioner.lock.reader import read_lockfile
     from provisioner.lock.solve import locked_to_record
 
     lock = read_lockfile(lockfile_path(config.locks_dir, key))
@@ -206,7 +206,7 @@ def added_breakdown(prefix: Path, before: set[tuple[int, int]], new_pkgs: tuple[
 
 _PHASES = [  # (module, attribute, label); class methods as "Class.method"
     ("provisioner.build.ensure", "make_plan", "make_plan (x2: before and under the key lock)"),
-    ("provisioner.lock.conda_lock_io", "read_lockfile", "read_lockfile (conda-lock parser)"),
+    ("provisioner.lock.reader", "read_lockfile", "read_lockfile (structural reader)"),
     ("provisioner.lock.spec", "load_spec", "load_spec"),
     ("provisioner.build.cuda", "required_cuda", "required_cuda (summarize_lock)"),
     ("provisioner.build.cuda", "host_cuda_version", "host_cuda_version (virtual pkgs)"),
