@@ -148,7 +148,8 @@ def test_the_wheel_installs_and_runs_the_demo_outside_the_source_tree(tmp_path: 
     assert "provisioner/py.typed" in names
     assert "gpu_env_provisioner-0.1.0.dist-info/licenses/LICENSE" in names
     missing = {f"{pkg}/__init__.py" for pkg in _subpackages()} - names
-    data = {p.relative_to(REPO).as_posix() for p in (REPO / "provisioner").rglob("*.json")}
+    data = {p.relative_to(REPO).as_posix() for p in (REPO / "provisioner").rglob("*")
+            if p.suffix in (".json", ".gz")}
     missing |= data - names  # data files the code reads at run time
     assert not missing, f"subpackages left out of the wheel: {sorted(missing)}"
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "provisioner").rglob("*.py")}
@@ -164,6 +165,10 @@ def test_the_wheel_installs_and_runs_the_demo_outside_the_source_tree(tmp_path: 
     where = _run([str(python), "-c", "import provisioner; print(provisioner.__file__)"],
                  cwd=cwd, env=_clean_env()).stdout.strip()
     assert Path(where).resolve().is_relative_to((tmp_path / "venv").resolve())
+    table = _run([str(python), "-c", "from provisioner.lock.pypi_names import load_table; "
+                  "print(load_table().channels['conda-forge']['python-xxhash'])"],
+                 cwd=cwd, env=_clean_env())
+    assert table.stdout.strip() == "xxhash"  # the conda -> PyPI table is package data
 
     exe = python.parent / ("provisioner.exe" if sys.platform == "win32" else "provisioner")
     home = tmp_path / "demo-home"

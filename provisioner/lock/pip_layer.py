@@ -33,21 +33,8 @@ from provisioner.config import PipSettings
 from provisioner.errors import PipLayerError, ToolMissingError
 from provisioner.lock.lockfile import LockedPackage
 from provisioner.lock.platforms import VirtualPackages
+from provisioner.lock.pypi_names import pypi_distributions
 
-#: conda package name -> the PyPI distribution it provides, where they differ
-CONDA_TO_PYPI = {
-    "pytorch": "torch",
-    "pytorch-cpu": "torch",
-    "pytorch-gpu": "torch",
-    "torchtriton": "triton",
-    "matplotlib-base": "matplotlib",
-    "py-opencv": "opencv-python",
-    "tensorflow-base": "tensorflow",
-    "pyqt": "pyqt5",
-    "typing_extensions": "typing-extensions",
-    "importlib_metadata": "importlib-metadata",
-}
-_NOT_PYTHON = {"python", "pip", "setuptools", "wheel"}
 _PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 UV_TIMEOUT_S = 600.0
 
@@ -100,17 +87,21 @@ def python_platform_for(platform: str, virtual_packages: VirtualPackages) -> str
 
 
 def conda_provided(conda_packages: Sequence[LockedPackage]) -> dict[str, str]:
-    """PyPI distribution name -> version for everything the conda layer installs."""
+    """PyPI distribution name -> version for everything the conda layer installs.
+
+    Names come from the vendored conda-forge/pytorch mapping
+    (:mod:`provisioner.lock.pypi_names`): ``python-xxhash`` provides PyPI's
+    ``xxhash``, while the C library ``xxhash``, conda's ``tzdata`` and ``libcurl``
+    provide no PyPI distribution and are not constrained. A conda version that
+    is not a PEP 440 version cannot constrain uv and is left out.
+    """
     provided: dict[str, str] = {}
-    for pkg in conda_packages:
-        if pkg.name in _NOT_PYTHON or pkg.name.startswith("_"):
-            continue
-        pypi = canonicalize_name(CONDA_TO_PYPI.get(pkg.name, pkg.name))
+    for name, pkg in pypi_distributions(conda_packages).items():
         try:
             Version(pkg.version)
         except InvalidVersion:
             continue
-        provided[pypi] = pkg.version
+        provided[name] = pkg.version
     return provided
 
 

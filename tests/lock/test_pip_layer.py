@@ -214,7 +214,8 @@ def test_version_conflict_with_conda_is_an_error(tmp_path: Path) -> None:
     assert "bitsandbytes" in message
 
 
-@pytest.mark.parametrize("requirement", ["torch>=2", "NumPy", "pytorch_mutex"])
+# pytorch-mutex is a conda metapackage with no PyPI twin; conda's pip is PyPI's pip.
+@pytest.mark.parametrize("requirement", ["torch>=2", "NumPy", "pip"])
 def test_requirement_already_provided_by_conda(requirement: str, tmp_path: Path) -> None:
     with pytest.raises(PipLayerError, match="already provided by conda") as info:
         lock_layer([requirement], tmp_path)
@@ -232,7 +233,8 @@ def test_conda_provided_maps_names() -> None:
     assert provided["torch"] == "2.2.1"
     assert provided["numpy"] == "1.26.4"
     assert "pytorch" not in provided
-    assert "python" not in provided and "pip" not in provided
+    assert "python" not in provided and "pytorch-cuda" not in provided
+    assert provided["pip"] == "24.0"  # conda's pip is PyPI's pip
     assert "-openmp-mutex" not in provided and "_openmp_mutex" not in provided
 
 
@@ -537,3 +539,88 @@ def test_committed_bnb_lock_reproduces(tmp_path: Path) -> None:
         assert (ours.name, ours.version, ours.sha256, ours.file_name) == (
             theirs.name, theirs.version, theirs.sha256, theirs.file_name)
     assert lock.for_platform("linux-64", "conda") == committed.for_platform("linux-64", "conda")
+
+
+# --- real conda <-> PyPI names (parselmouth's table) ----------------------------------------
+
+
+def _add_xxhash_stack(project: Path) -> None:
+    """conda-forge's shape: python-xxhash (PyPI xxhash 3.4.1) on the C library xxhash 0.8.2."""
+    from provisioner.sample.packages import build_conda_package, index_channel
+
+    channel = project / "channel"
+    for subdir in sample_platforms():
+        build_conda_package(channel, subdir, "xxhash", "0.8.2", "h_sample_0")
+        build_conda_package(channel, subdir, "libcurl", "8.8.0", "h_sample_0")
+        build_conda_package(channel, subdir, "python-xxhash", "3.4.1", "py_h_sample_0",
+                            depends=["python", "xxhash >=0.8.2,<0.8.3.0a0"])
+        build_conda_package(channel, subdir, "brotli-python", "1.1.0", "py_h_sample_0",
+                            depends=["python"])
+    build_conda_package(channel, "noarch", "tzdata", "2026c", "h_sample_0", noarch="generic")
+    build_conda_package(channel, "noarch", "python-tzdata", "2026.3", "pyh_sample_0",
+                        depends=["python"], noarch="python")
+    index_channel(channel)
+
+
+@pytest.fixture()
+def xxhash_project(sample_root: Path, tmp_path: Path) -> Path:
+    """The cpu key plus python-xxhash, brotli-python, python-tzdata and their C twins."""
+    project = Path(shutil.copytree(sample_root, tmp_path / "project", symlinks=True))
+    _add_xxhash_stack(project)
+    wheels = project / "wheels"
+    # PyPI offers newer xxhash wheels than conda's; conda's version must win.
+    build_wheel(wheels, "xxhash", "3.5.0")
+    build_wheel(wheels, "needs-xxhash", "1.0", requires=[
+        "xxhash>=3", "brotli>=1.1", "tzdata>=2026.1"])
+    with (project / "provisioner.toml").open("a", encoding="utf-8") as fh:
+        fh.write('\n[pip]\nno-index = true\nfind-links = ["wheels"]\n')
+    conda = [*_spec_deps(project, CPU), "python-xxhash", "brotli-python", "python-tzdata",
+             "tzdata", "libcurl"]
+    _set_deps(project, CPU, [*conda, {"pip": ["needs-xxhash"]}])
+    return project
+
+
+def test_pip_requirement_needing_xxhash_3_locks_on_python_xxhash(xxhash_project: Path) -> None:
+    """The committed lock's trap: conda xxhash 0.8.2 is a C library, python-xxhash is PyPI's."""
+    config = load_config(xxhash_project, environ={})
+    [outcome] = lock_envs(config, [CPU])
+    assert outcome.pip_counts == dict.fromkeys(sample_platforms(), 1)
+    lock = read_lockfile(lockfile_path(xxhash_project / "lockfiles", CPU))
+    for platform in sample_platforms():
+        conda = {p.name: p.version for p in lock.for_platform(platform, "conda")}
+        assert (conda["xxhash"], conda["python-xxhash"]) == ("0.8.2", "3.4.1")
+        assert (conda["tzdata"], conda["python-tzdata"]) == ("2026c", "2026.3")
+        provided = conda_provided(lock.for_platform(platform, "conda"))
+        assert (provided["xxhash"], provided["brotli"], provided["tzdata"]) == (
+            "3.4.1", "1.1.0", "2026.3")
+        assert "libcurl" not in provided
+        [entry] = lock.for_platform(platform, "pip")
+        assert (entry.name, entry.version) == ("needs-xxhash", "1.0")
+        # what the wheel needs, all provided by conda under their PyPI names
+        assert entry.dependencies == (("brotli", ""), ("tzdata", ""), ("xxhash", ""))
+    assert all(r.ok for r in check_locks(config))
+
+
+@pytest.mark.parametrize(("requirement", "conda_version"), [
+    ("xxhash", "3.4.1"), ("Brotli", "1.1.0"), ("tzdata", "2026.3")])
+def test_pypi_twins_of_conda_packages_are_already_provided(
+    xxhash_project: Path, requirement: str, conda_version: str
+) -> None:
+    deps = [d for d in _spec_deps(xxhash_project, CPU) if not isinstance(d, dict)]
+    _set_deps(xxhash_project, CPU, [*deps, {"pip": [requirement]}])
+    with pytest.raises(PipLayerError, match=f"already provided by conda \\({conda_version}\\)"):
+        lock_envs(load_config(xxhash_project, environ={}), [CPU])
+
+
+def test_a_conda_c_library_does_not_hold_back_its_pypi_namesake(
+    xxhash_project: Path,
+) -> None:
+    """Only libcurl (no PyPI twin) in conda: PyPI's libcurl-named wheel is the pip layer's own."""
+    build_wheel(xxhash_project / "wheels", "libcurl", "9.0")
+    deps = [d for d in _spec_deps(xxhash_project, CPU) if not isinstance(d, dict)]
+    _set_deps(xxhash_project, CPU, [*deps, {"pip": ["libcurl>=9"]}])
+    [outcome] = lock_envs(load_config(xxhash_project, environ={}), [CPU])
+    lock = read_lockfile(lockfile_path(xxhash_project / "lockfiles", CPU))
+    assert [(e.name, e.version) for e in lock.for_platform("linux-64", "pip")] == [
+        ("libcurl", "9.0")]
+    assert outcome.pip_counts == dict.fromkeys(sample_platforms(), 1)
