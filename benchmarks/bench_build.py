@@ -220,6 +220,9 @@ _PHASES = [  # (module, attribute, label); class methods as "Class.method"
     ("provisioner.build.ensure", "write_fingerprint", "write_fingerprint"),
     ("provisioner.build.ensure", "_promote", "_promote (rename)"),
     ("provisioner.build.ensure", "_check_promoted", "_check_promoted (sys.prefix subprocess)"),
+    ("provisioner.build.package_checks", "check_packages", "check_packages (paths, limits)"),
+    ("provisioner.build.package_cache", "prepare", "package_cache.prepare (cache check, space)"),
+    ("provisioner.build.durability", "flush_tree", "flush_tree (syncfs before fingerprint)"),
 ]
 
 

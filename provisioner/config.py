@@ -19,6 +19,14 @@ Example ``provisioner.toml``::
     find-links = ["wheels"]             # local wheel dirs for the pip layer
     no-index = true
 
+    [build]                             # limits on what packages unpack to (defaults shown)
+    package-bytes = "64GiB"
+    package-files = 40000
+    env-bytes = "512GiB"
+    env-files = 2000000
+    max-ratio = 1000                    # unpacked / archive size (bz2 bombs)
+    link-scripts = "refuse"             # or "skip": install, never run them
+
     [legacy]
     root = "environments"
     policy = "prefer"                   # prefer | fallback | ignore
@@ -31,6 +39,7 @@ Example ``provisioner.toml``::
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -55,6 +64,52 @@ class PipSettings:
     no_index: bool = False
 
 
+GIB = 1 << 30
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+@dataclass(frozen=True)
+class PackageLimits:
+    """What one package, and one env, may unpack to (``[build]`` in provisioner.toml)."""
+
+    package_bytes: int = 64 * GIB
+    package_files: int = 40_000
+    env_bytes: int = 512 * GIB
+    env_files: int = 2_000_000
+    # Unpacked / archive size, checked once a package unpacks past ``ratio_floor``:
+    # real packages compress 2-20x, a bz2 bomb 100,000x.
+    max_ratio: int = 1000
+    ratio_floor: int = 64 << 20
+    link_scripts: str = "refuse"  # or "skip": install without running them
+
+
+def _size(value: object, what: str) -> int:
+    match = _SIZE_RE.match(str(value)) if isinstance(value, (int, str)) else None
+    if match is None or isinstance(value, bool):
+        raise SpecError(f"{CONFIG_FILE_NAME}: build.{what} must be a size such as 8GiB or 500MB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
+def _limits(raw: dict[str, Any]) -> PackageLimits:
+    base = PackageLimits()
+    changes: dict[str, Any] = {}
+    for key in ("package-bytes", "env-bytes"):
+        if key in raw:
+            changes[key.replace("-", "_")] = _size(raw[key], key)
+    for key in ("package-files", "env-files", "max-ratio"):
+        if key in raw:
+            if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
+                raise SpecError(f"{CONFIG_FILE_NAME}: build.{key} must be a positive integer")
+            changes[key.replace("-", "_")] = raw[key]
+    if "link-scripts" in raw:
+        if raw["link-scripts"] not in ("refuse", "skip"):
+            raise SpecError(f"{CONFIG_FILE_NAME}: build.link-scripts must be refuse or skip")
+        changes["link_scripts"] = raw["link-scripts"]
+    return replace(base, **changes)
+
+
 @dataclass(frozen=True)
 class Config:
     """Resolved settings for one project."""
@@ -71,6 +126,7 @@ class Config:
     probe_timeout: float = 60.0
     health_ttl: float = 86400.0
     force_copy: bool = False
+    package_limits: PackageLimits = PackageLimits()
 
     @property
     def specs_dir(self) -> Path:
@@ -204,7 +260,9 @@ def load_config(
     root_value = channel_root or env.get("PROVISIONER_CHANNEL_ROOT") or data.get("channel-root")
     root_path = _resolve(project_dir, root_value, "channel-root") if root_value else None
     build_raw = data.get("build", {})
-    force_copy = bool(build_raw.get("force-copy", False)) if isinstance(build_raw, dict) else False
+    if not isinstance(build_raw, dict):
+        raise SpecError(f"{CONFIG_FILE_NAME}: [build] must be a table")
+    force_copy = bool(build_raw.get("force-copy", False))
 
     return Config(
         project=project_dir,
@@ -219,4 +277,5 @@ def load_config(
         probe_timeout=probe_timeout,
         health_ttl=health_ttl,
         force_copy=force_copy or env.get("PROVISIONER_FORCE_COPY") == "1",
+        package_limits=_limits(build_raw),
     )

@@ -73,6 +73,25 @@ class ImportCheckError(UserError):
     """A freshly built env cannot import a module its spec lists, or the import hung."""
 
 
+class UnsafePackageError(IntegrityError):
+    """A package would write outside its prefix, or past the configured limits (exit 2)."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a build; the CLI exits ``128 + signum``.
+
+    A ``KeyboardInterrupt``, not a ``ProvisionerError``: no fallback chain may
+    swallow it, and code that cleans up on Ctrl-C cleans up on SIGTERM too.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class LockTimeoutError(UserError):
     """Another process held the key's lock for longer than allowed."""
 

@@ -14,6 +14,7 @@ not exceptions; only a missing program raises (``ToolMissingError``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import functools
@@ -23,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -292,6 +294,49 @@ def run(
     if result.stderr.strip():
         _tools_log.debug("%s said:\n%s", Path(args[0]).name, result.stderr.rstrip())
     return result
+
+
+def run_streaming(
+    argv: Sequence[str],
+    *,
+    on_line: Callable[[str], None],
+    input_text: str = "",
+    env: Mapping[str, str] | None = None,
+    stderr_lines: int = 40,
+) -> ProcResult:
+    """Run ``argv`` in its own process group, handing each stdout line to ``on_line``.
+
+    Only the last ``stderr_lines`` lines of stderr are kept (a crash's last
+    words). If anything interrupts the wait (Ctrl-C, a SIGTERM handler, an
+    exception from ``on_line``), the child's whole group is killed and reaped
+    before the exception propagates, so nothing it started is still writing
+    when the caller cleans up.
+    """
+    args = tuple(str(a) for a in argv)
+    started = time.monotonic()
+    proc = start(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+    tail: collections.deque[str] = collections.deque(maxlen=stderr_lines)
+    assert proc.stderr is not None and proc.stdout is not None and proc.stdin is not None
+    reader = threading.Thread(target=lambda: tail.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(input_text)
+            proc.stdin.close()
+        for line in proc.stdout:
+            on_line(line.rstrip("\n"))
+        proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=_REAP_S)
+        raise
+    finally:
+        reader.join(timeout=_REAP_S)
+    return ProcResult(argv=args, returncode=proc.returncode, stdout="",
+                      stderr="".join(tail), timed_out=False,
+                      seconds=time.monotonic() - started)
 
 
 def run_passthrough(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:

@@ -288,3 +288,24 @@ def test_with_overrides_skips_none(tmp_path: Path) -> None:
     changed = cfg.with_overrides(backend="conda", home=None)
     assert changed.backend == "conda"
     assert changed.home == cfg.home
+
+
+def test_build_limits(tmp_path: Path) -> None:
+    project = _project(tmp_path, '[build]\npackage-bytes = "500MB"\nenv-bytes = "2GiB"\n'
+                                 'package-files = 123\nmax-ratio = 50\nlink-scripts = "skip"\n')
+    limits = load_config(project, environ=NO_ENV).package_limits
+    assert (limits.package_bytes, limits.env_bytes) == (500 * 10**6, 2 << 30)
+    assert (limits.package_files, limits.max_ratio, limits.link_scripts) == (123, 50, "skip")
+    assert load_config(_project(tmp_path / "d"), environ=NO_ENV).package_limits.package_files \
+        == 40_000
+
+
+@pytest.mark.parametrize("toml, what", [
+    ('[build]\npackage-bytes = "lots"\n', "build.package-bytes"),
+    ("[build]\npackage-files = 0\n", "build.package-files"),
+    ("[build]\nenv-files = true\n", "build.env-files"),
+    ('[build]\nlink-scripts = "run"\n', "build.link-scripts"),
+    ('build = "x"\n', "[build] must be a table"),
+])
+def test_bad_build_limits(tmp_path: Path, toml: str, what: str) -> None:
+    assert what in _error(_project(tmp_path, toml)).message

@@ -265,3 +265,56 @@ def test_a_child_dies_with_its_killed_parent(tmp_path: Path) -> None:
     finally:
         if alive():
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+def test_run_streaming_kills_the_group_before_an_interrupt_propagates(tmp_path: Path) -> None:
+    """The child and its grandchild are gone before the caller's cleanup starts."""
+    from provisioner.processes import run_streaming
+
+    pids = tmp_path / "pids"
+    script = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(pids)!r}, "w").write(f"{{os.getpid()}} {{g.pid}}")
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_streaming([sys.executable, "-c", script], on_line=on_line)
+    assert lines == ["ready"]
+    child, grandchild = (int(p) for p in pids.read_text().split())
+    for pid in (child, grandchild):
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (killed, not yet reaped by init) no longer runs.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def test_run_streaming_keeps_the_last_stderr_lines() -> None:
+    from provisioner.processes import run_streaming
+
+    code = "import sys; print('out', flush=True); [print(i, file=sys.stderr) for i in range(100)]"
+    seen: list[str] = []
+    result = run_streaming([sys.executable, "-c", code], on_line=seen.append, stderr_lines=3)
+    assert seen == ["out"] and result.returncode == 0
+    assert result.stderr.split() == ["97", "98", "99"]

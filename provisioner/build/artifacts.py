@@ -4,7 +4,7 @@ rattler does not check the hash of packages read from ``file://`` channels, so
 provisioner verifies every archive itself: local mirror files in place, remote
 ones after downloading them into ``<cache>/downloads`` (a download that fails
 verification is deleted, never kept as valid). Hashes of unchanged files are
-remembered by (size, mtime) so that warm builds do not re-hash gigabytes.
+remembered by (size, mtime, inode, ctime) so that warm builds do not re-hash gigabytes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner import fsops
+from provisioner.build.url_checks import confined_source
 from provisioner.config import Config
 from provisioner.errors import BuildError, IntegrityError, LockfileError
 from provisioner.lock.channels import (
@@ -56,7 +57,11 @@ def sha256_file(path: Path) -> str:
 
 
 class _HashMemo:
-    """(path, size, mtime_ns) -> sha256, persisted as JSON in the cache."""
+    """path -> (size, mtime_ns, inode, ctime_ns, sha256), persisted as JSON in the cache.
+
+    A user can set a file's size and mtime (``touch -d``), not its ctime or inode:
+    bytes swapped under the same size and mtime are hashed again.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -71,10 +76,11 @@ class _HashMemo:
         st = file.stat()
         key = str(file)
         entry = self.entries.get(key)
-        if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            return str(entry[2])
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stamp:
+            return str(entry[4])
         digest = sha256_file(file)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.entries[key] = [*stamp, digest]
         self.dirty = True
         return digest
 
@@ -98,8 +104,10 @@ def _download(url: str, target: Path) -> None:
         ):
             shutil.copyfileobj(resp, out, _CHUNK)
         partial.replace(target)
-    except OSError as exc:
+    except BaseException as exc:  # Ctrl-C and SIGTERM too: no .partial is left behind
         fsops.remove_file(partial)
+        if not isinstance(exc, OSError):
+            raise
         raise BuildError(
             f"could not download {url.rsplit('/', 1)[-1]}: {exc}",
             hint="check the network, or point the channel at a local mirror in provisioner.toml",
@@ -121,7 +129,7 @@ def verify_artifacts(
                     "builds only fully hash-pinned locks",
                     hint="regenerate the lock with 'provisioner lock'",
                 )
-            url = source_for_url(pkg.url, sources)
+            url = confined_source(pkg, sources)
             downloaded = not url.startswith("file://")
             if downloaded:
                 path = downloads / pkg.file_name

@@ -1,6 +1,6 @@
 """Backends that turn verified package archives into a conda prefix.
 
-* ``rattler`` (default): py-rattler, embedded. Installs into the staging prefix
+* ``rattler`` (default): py-rattler, in a child process. Installs into the staging prefix
   while writing the final path into every file (``alternative_target_prefix``),
   hardlinking from the shared package cache and running no link scripts.
 * ``micromamba`` / ``mamba``: ``create -p STAGING --relocate-prefix FINAL`` from
@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from provisioner import fsops, processes
 from provisioner.build.artifacts import VerifiedArtifact
@@ -62,7 +62,7 @@ class Backend(Protocol):
 
 @dataclass
 class RattlerBackend:
-    """py-rattler, in process."""
+    """py-rattler, in a child process (:mod:`provisioner.build.installer`)."""
 
     name: str = "rattler"
     builds_in_place: bool = False
@@ -81,46 +81,11 @@ class RattlerBackend:
         cache_dir: Path,
         progress: ProgressSink | None,
     ) -> None:
-        import rattler
+        from provisioner.build.installer import install_in_child
 
-        from provisioner.lock.solve import locked_to_record, run_rattler
-
-        records = [
-            locked_to_record(a.package, a.url, a.url.rsplit("/", 2)[0]) for a in artifacts
-        ]
-        reporter = _reporter(progress) if progress is not None else None
-        try:
-            run_rattler(
-                rattler.install(
-                    records,
-                    target_prefix=target,
-                    alternative_target_prefix=None if target == final else final,
-                    cache_dir=cache_dir,
-                    show_progress=False,
-                    execute_link_scripts=False,
-                    reporter=reporter,
-                )
-            )
-        except Exception as exc:
-            text = str(exc).strip().splitlines()
-            first = text[0] if text else type(exc).__name__
-            raise BuildError(f"rattler could not install the env: {first}") from exc
-        finally:
-            if progress is not None:
-                progress.finish()
-
-
-def _reporter(progress: ProgressSink) -> Any:
-    import rattler
-
-    class _Reporter(rattler.InstallerReporter):  # type: ignore[misc]
-        def on_transaction_start(self, total_operations: int) -> None:
-            progress.start(total_operations)
-
-        def on_transaction_operation_complete(self, operation: int) -> None:
-            progress.advance()
-
-    return _Reporter()  # type: ignore[abstract]
+        # In a child process: a rattler panic aborts its process, and must not abort ours.
+        install_in_child(artifacts, target=target, final=final, cache_dir=cache_dir,
+                         progress=progress)
 
 
 def render_explicit(artifacts: Sequence[VerifiedArtifact], platform: str) -> str:

@@ -38,8 +38,10 @@ from provisioner.build.fingerprint import (
     tool_version,
     write_fingerprint,
 )
+from provisioner.build.interrupts import interruptible
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
+from provisioner.build.package_cache import clean_partial_entries
 from provisioner.build.plan import EnsurePlan, make_plan
 from provisioner.config import Config
 from provisioner.errors import (
@@ -149,7 +151,13 @@ def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> En
         if plan.prefix.exists():
             orphans.stop_build_processes(plan.prefix)  # an in-place (conda) build
             _discard(layout, plan.prefix)
-        return _build(config, layout, plan, opts, start, waited)
+        with interruptible():
+            try:
+                return _build(config, layout, plan, opts, start, waited)
+            except KeyboardInterrupt:  # SIGINT, or SIGTERM (Interrupted); the installer is gone
+                with contextlib.suppress(ProvisionerError, OSError):
+                    clean_partial_entries(layout.package_cache)
+                raise
 
 
 def _discard(layout: HomeLayout, path: Path) -> None:
@@ -194,6 +202,9 @@ def _cuda_gate(plan: EnsurePlan, lock: LockData, opts: EnsureOptions) -> CudaChe
 def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOptions,
            start: float, waited: float) -> EnsureResult:
     from provisioner.build.artifacts import locate_sizes, verify_artifacts
+    from provisioner.build.durability import flush_tree
+    from provisioner.build.package_cache import prepare as prepare_cache
+    from provisioner.build.package_checks import check_packages
     from provisioner.lock.channels import resolve_channels
     from provisioner.lock.check import check_key, platform_virtual_packages
     from provisioner.lock.reader import read_lockfile
@@ -224,6 +235,8 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
         raise IntegrityError(f"{plan.key}: {exc.message}", hint=(
             f"if the channel rebuilt that archive, run 'provisioner lock {plan.key}' to relock "
             "it; otherwise restore the archive or fix the mirror")) from None
+    checked = check_packages(artifacts, config.package_limits, layout.package_cache)
+    prepare_cache(checked, layout.package_cache, copy=config.force_copy)
     final = plan.prefix
     stage_name = f"{layout.staging_prefix(plan.key)}{plan.generation}.{secrets.token_hex(3)}"
     target = final if backend.builds_in_place else layout.staging / stage_name
@@ -251,6 +264,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
         # Nothing a package's import started may still write into the env once it is sealed.
         orphans.stop_build_processes(target)
         fault_point("before-fingerprint")
+        flush_tree(target)
         write_fingerprint(target, Fingerprint(
             key=plan.key, platform=plan.platform, lock_hash=plan.lock_hash,
             generation=plan.generation, backend=backend.name,

@@ -42,7 +42,7 @@ _EXAMPLES = 3
 # ``<key>.<generation>.<random hex>``: staging dirs and trash entries of a key.
 _KEYED_NAME_RE = re.compile(r"(?P<key>.+)\.(?P<gen>[0-9a-f]{12})\.(?P<token>[0-9a-f]+)")
 
-GcKind = Literal["staging", "trash", "generation"]
+GcKind = Literal["staging", "trash", "generation", "cache-partial"]
 
 
 # --------------------------------------------------------------------------- verify
@@ -240,7 +240,7 @@ class _Collector:
                     orphans.stop_build_processes(path)
                 # Only trash entries may lack the marker: they were renamed there by
                 # provisioner, and a partly deleted tree may have lost it already.
-                fsops.safe_rmtree(path, require_marker=kind != "trash")
+                fsops.safe_rmtree(path, require_marker=kind not in ("trash", "cache-partial"))
             except (ProvisionerError, OSError) as exc:
                 self.skipped.append(GcSkip(path, f"could not remove: {exc}", key))
                 return
@@ -330,6 +330,20 @@ def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: _Collector) 
             out.remove("generation", gen, key)
 
 
+def _collect_partial_cache_entries(layout: HomeLayout, out: _Collector) -> None:
+    from provisioner.build.package_cache import cache_lock, partial_entries
+
+    found = partial_entries(layout.package_cache)
+    if not found:
+        return
+    with cache_lock(layout.package_cache, exclusive=True, wait=False) as free:
+        for path in found:
+            if free:
+                out.remove("cache-partial", path, None)
+            else:
+                out.skipped.append(GcSkip(path, "the package cache is in use by a build"))
+
+
 def collect_garbage(config: Config, *, dry_run: bool = False) -> GcReport:
     """Free disk space under the home; with ``dry_run``, only report what would go.
 
@@ -369,6 +383,7 @@ def collect_garbage(config: Config, *, dry_run: bool = False) -> GcReport:
 
     for key in sorted(work):
         _collect_key(layout, key, work[key], out)
+    _collect_partial_cache_entries(layout, out)
     return GcReport(
         home=config.home, dry_run=dry_run, removed=tuple(out.removed),
         kept=tuple(out.kept), skipped=tuple(out.skipped),

@@ -238,6 +238,14 @@ def _fail(as_json: bool, kind: str, message: str, hint: str | None, code: int,
     return code
 
 
+def _interrupted(as_json: bool, exc: KeyboardInterrupt) -> int:
+    """SIGINT (130), or SIGTERM during a build (``errors.Interrupted``, 143): one line."""
+    code: int = getattr(exc, "exit_code", 130)
+    return _fail(as_json, type(exc).__name__,
+                 f"interrupted (exit {code}): stopped; any build in progress was cleaned up",
+                 None, code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn errors into exit codes."""
     global _current
@@ -253,14 +261,17 @@ def main(argv: list[str] | None = None) -> None:
                 if isinstance(exc, click.UsageError) and exc.ctx else None)
         code = _fail(as_json, type(exc).__name__, exc.format_message(), hint, EXIT_USER_ERROR,
                      usage=exc)
-    except click.exceptions.Abort:
-        code = _fail(as_json, "Abort", "aborted", None, EXIT_USER_ERROR)
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click wraps Ctrl-C (and SIGTERM)
+            code = _interrupted(as_json, exc.__context__)
+        else:
+            code = _fail(as_json, "Abort", "aborted", None, EXIT_USER_ERROR)
     except ProvisionerError as exc:
         if os.environ.get("PROVISIONER_DEBUG") and exc.exit_code != EXIT_USER_ERROR:
             raise
         code = _fail(as_json, type(exc).__name__, exc.message, exc.hint, exc.exit_code)
-    except KeyboardInterrupt:
-        code = _fail(as_json, "KeyboardInterrupt", "interrupted", None, 130)
+    except KeyboardInterrupt as exc:
+        code = _interrupted(as_json, exc)
     except Exception as exc:
         if os.environ.get("PROVISIONER_DEBUG"):
             raise

@@ -113,15 +113,20 @@ def ensure_cmd(
 @click.argument("key")
 @project_options
 @click.option("--deep", is_flag=True, help="Also hash every file against its recorded sha256.")
+@click.option("--repair", is_flag=True,
+              help="With --deep: restore missing or altered files from the package cache.")
 @json_option
 @click.pass_context
 def verify_cmd(
-    ctx: click.Context, key: str, project: Path | None, deep: bool, as_json: bool
+    ctx: click.Context, key: str, project: Path | None, deep: bool, repair: bool, as_json: bool
 ) -> None:
     """Check KEY's active env against its lock; exit 1 if anything is wrong."""
     from provisioner.build.maintenance import verify_env
+    from provisioner.build.repair import repair_env
 
-    report = verify_env(make_config(ctx, project), key, deep=deep)
+    deep = deep or repair
+    report = (repair_env(make_config(ctx, project), key) if repair
+              else verify_env(make_config(ctx, project), key, deep=deep))
     if as_json:
         emit_json(report.to_dict())
     elif report.ok:

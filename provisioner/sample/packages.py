@@ -17,6 +17,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from provisioner import fsops
 
@@ -190,3 +191,116 @@ def build_synthetic_channel(
                             files=files, noarch=noarch)
     index_channel(channel_dir)
     return names
+
+
+# --------------------------------------------------------------------------- raw (hostile) packages
+
+
+@dataclass(frozen=True)
+class RawMember:
+    """One archive member written exactly as given, unchecked (for hostile-input tests).
+
+    ``kind`` is ``file``, ``dir``, ``symlink`` or ``hardlink`` (``target`` is the
+    link target); ``zeros`` makes a file of that many NUL bytes, streamed (bombs).
+    """
+
+    name: str
+    data: bytes = b""
+    kind: str = "file"
+    target: str = ""
+    zeros: int = 0
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self.left)
+        buf[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _raw_tar(members: Sequence[RawMember], compression: str) -> bytes:
+    buf = io.BytesIO()
+    mode: Any = f"w:{compression}"
+    with tarfile.open(fileobj=buf, mode=mode, format=tarfile.GNU_FORMAT) as tar:
+        for m in members:
+            info = tarfile.TarInfo(m.name)
+            info.mtime, info.mode = _MTIME, 0o755 if m.kind == "dir" else 0o644
+            types = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE,
+                     "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}
+            info.type, info.linkname = types[m.kind], m.target
+            body: Any = None
+            if m.kind == "file":
+                info.size = m.zeros or len(m.data)
+                body = _Zeros(m.zeros) if m.zeros else io.BytesIO(m.data)
+            tar.addfile(info, body)
+    return buf.getvalue()
+
+
+def _raw_paths(members: Sequence[RawMember]) -> list[dict[str, object]]:
+    paths: list[dict[str, object]] = []
+    for m in members:
+        if m.name.startswith("info/") or m.kind == "dir":
+            continue
+        if m.kind == "symlink":
+            paths.append({"_path": m.name, "path_type": "softlink"})
+            continue
+        digest = hashlib.sha256()
+        size = m.zeros or len(m.data)
+        if m.zeros:
+            for start in range(0, m.zeros, 1 << 20):
+                digest.update(bytes(min(1 << 20, m.zeros - start)))
+        else:
+            digest.update(m.data)
+        paths.append({"_path": m.name, "path_type": "hardlink",
+                      "sha256": digest.hexdigest(), "size_in_bytes": size})
+    return paths
+
+
+def build_raw_package(
+    channel_dir: Path, subdir: str, name: str, version: str, build: str,
+    members: Sequence[RawMember], *, paths: Sequence[dict[str, object]] | None = None,
+    fmt: str = "tar.bz2",
+) -> Path:
+    """Write a package whose members and ``paths.json`` are exactly as given.
+
+    For tests of provisioner's refusal of hostile packages: nothing here is
+    checked. ``paths`` defaults to entries derived from ``members``; ``fmt`` is
+    ``tar.bz2`` or ``conda``. Index the channel afterwards with :func:`index_channel`.
+    """
+    arch, plat = _ARCH.get(subdir, (None, None))
+    index: dict[str, object] = {
+        "arch": arch, "build": build, "build_number": 0, "depends": [], "license": "MIT",
+        "name": name, "platform": plat, "subdir": subdir, "version": version,
+    }
+    if subdir == "noarch":
+        index["noarch"] = "generic"
+    entries = list(paths) if paths is not None else _raw_paths(members)
+    info = [RawMember("info/index.json", _json_bytes(index)),
+            RawMember("info/paths.json", _json_bytes({"paths": entries, "paths_version": 1}))]
+    stem = f"{name}-{version}-{build}"
+    if fmt == "tar.bz2":
+        data = _raw_tar([*info, *members], "bz2")
+    elif fmt == "conda":
+        import zipfile
+
+        import zstandard
+
+        zbuf = io.BytesIO()
+        cctx = zstandard.ZstdCompressor()
+        with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr("metadata.json", json.dumps({"conda_pkg_format_version": 2}))
+            zf.writestr(f"info-{stem}.tar.zst", cctx.compress(_raw_tar(info, "")))
+            zf.writestr(f"pkg-{stem}.tar.zst", cctx.compress(_raw_tar(members, "")))
+        data = zbuf.getvalue()
+    else:
+        raise ValueError(f"fmt must be 'tar.bz2' or 'conda', not {fmt!r}")
+    out = Path(channel_dir) / subdir / f"{stem}.{fmt}"
+    _write_atomic(out, data)
+    return out

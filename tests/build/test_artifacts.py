@@ -85,9 +85,10 @@ def test_local_archives_are_verified_in_place(project: SampleProject, tmp_path: 
     remembered = memo(cache)
     assert set(remembered) == {str(a.path) for a in result}
     for art in result:
-        size, mtime_ns, digest = remembered[str(art.path)]
+        size, mtime_ns, ino, ctime_ns, digest = remembered[str(art.path)]
         st = art.path.stat()
-        assert (size, mtime_ns, digest) == (st.st_size, st.st_mtime_ns, art.package.sha256)
+        assert (size, mtime_ns, ino, ctime_ns, digest) == (
+            st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, art.package.sha256)
     assert not (cache / "downloads").exists()
 
 
@@ -112,6 +113,26 @@ def test_unchanged_archives_are_not_hashed_again(project: SampleProject, tmp_pat
     os.utime(touched, ns=(1, 1))
     verify_artifacts(packages, sources_for(config, lock), cache)
     assert hashed == [touched]
+
+
+def test_same_size_same_mtime_swap_is_hashed_again(project: SampleProject, tmp_path: Path,
+                                                   lock: LockData,
+                                                   packages: list[LockedPackage]) -> None:
+    """The memo keys on inode and ctime too: size and mtime are the user's to set."""
+    root = copy_channel(project, tmp_path)
+    config = local_config(root, tmp_path)
+    cache = tmp_path / "cache"
+    verify_artifacts(packages, sources_for(config, lock), cache)
+    pkg = next(p for p in packages if p.name == "pytorch")
+    archive = root / "channel" / pkg.subdir / pkg.file_name
+    st = archive.stat()
+    data = bytearray(archive.read_bytes())
+    data[-1] ^= 0xFF  # other bytes, same size
+    archive.write_bytes(bytes(data))  # in place: same inode
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (archive.stat().st_size, archive.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(IntegrityError, match="sha256 mismatch for pytorch"):
+        verify_artifacts(packages, sources_for(config, lock), cache)
 
 
 def test_tampered_archive_is_refused_and_forgotten(project: SampleProject, tmp_path: Path,
@@ -139,7 +160,7 @@ def test_tampered_archive_is_refused_and_forgotten(project: SampleProject, tmp_p
 
     archive.write_bytes(original)
     assert len(verify_artifacts(packages, sources_for(config, lock), cache)) == len(packages)
-    assert memo(cache)[str(archive)][2] == pkg.sha256
+    assert memo(cache)[str(archive)][-1] == pkg.sha256
 
 
 def test_missing_archive_and_missing_hash(project: SampleProject, tmp_path: Path,
@@ -273,3 +294,22 @@ def test_ensure_from_an_http_channel(project: SampleProject, tmp_path: Path,
         p.file_name for p in read_lockfile(result.plan.lockfile)
         .for_platform(host_platform(), "conda"))
     assert result.python.is_file()
+
+
+def test_interrupted_download_leaves_no_partial_file(project: SampleProject, tmp_path: Path,
+                                                     lock: LockData,
+                                                     packages: list[LockedPackage],
+                                                     served: tuple[_Server, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _dir = served
+    config = http_config(project, tmp_path, server.url)
+    cache = tmp_path / "cache"
+
+    def interrupted(src: Any, dst: Any, length: int = 0) -> None:
+        dst.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts.shutil, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        verify_artifacts(packages, sources_for(config, lock), cache)
+    assert list((cache / "downloads").iterdir()) == []

@@ -1,0 +1,100 @@
+"""rattler's installer, run in a child process so that it cannot take its caller down.
+
+A rattler panic aborts the whole process (a panic crossing a Rayon thread), and
+an interrupted install leaves rattler's threads linking for a while. So the
+parent (:func:`install_in_child`) sends a JSON request to ``python -m
+provisioner.build.installer_child`` through :mod:`provisioner.processes`, reads its
+progress lines, and turns an abort, a segfault or an error into a
+``BuildError`` carrying the child's last stderr lines. The child runs in its own
+process group; when the parent is interrupted the group is killed and reaped
+before any cleanup starts. The child also dies with its parent (Linux
+``PR_SET_PDEATHSIG``), so a kill -9 of ``ensure`` never leaves it linking into
+a staging dir that the next ``ensure`` removes.
+
+While the child runs, the parent holds the package cache's shared lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import provisioner
+from provisioner import processes
+from provisioner.build.artifacts import VerifiedArtifact
+from provisioner.build.installer_child import PROGRESS
+from provisioner.build.package_cache import cache_lock
+from provisioner.errors import BuildError
+
+_SHOWN_LINES = 5
+
+
+def request_for(artifacts: Sequence[VerifiedArtifact], target: Path, final: Path,
+                cache_dir: Path) -> dict[str, Any]:
+    """The JSON request the child installs from."""
+    return {
+        "parent": os.getpid(),
+        "target": str(target),
+        "final": str(final),
+        "cache_dir": str(cache_dir),
+        "packages": [{"package": asdict(a.package), "url": a.url} for a in artifacts],
+    }
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The child imports this very provisioner, installed or not.
+    root = str(Path(provisioner.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _describe(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited {returncode}"
+
+
+def install_in_child(artifacts: Sequence[VerifiedArtifact], *, target: Path, final: Path,
+                     cache_dir: Path, progress: Any | None) -> None:
+    """Install ``artifacts`` into ``target`` (patched for ``final``) in a child process."""
+    request = request_for(artifacts, target, final, cache_dir)
+
+    def on_line(line: str) -> None:
+        word, _sep, rest = line.partition(" ")
+        if word != PROGRESS or progress is None:
+            return
+        if rest.startswith("start "):
+            progress.start(int(rest.split()[1]))
+        elif rest == "advance":
+            progress.advance()
+
+    argv = [sys.executable, "-m", "provisioner.build.installer_child"]
+    try:
+        with cache_lock(cache_dir, exclusive=False):
+            result = processes.run_streaming(argv, on_line=on_line,
+                                             input_text=json.dumps(request), env=_child_env())
+    finally:
+        if progress is not None:
+            progress.finish()
+    if result.returncode == 0:
+        return
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    panicked = any("panic" in ln for ln in lines)
+    if result.returncode == 1 and lines and lines[-1].startswith("error: ") and not panicked:
+        raise BuildError(f"rattler could not install the env: {lines[-1][len('error: '):]}")
+    raise BuildError(
+        f"the installer {_describe(result.returncode)}: "
+        + (" | ".join([*[ln for ln in lines if "panicked" in ln][:1], *lines[-_SHOWN_LINES:]])
+           or "no output"),
+        hint="this is a bug in the installer (rattler) or a hostile package; "
+             "provisioner itself is unaffected")

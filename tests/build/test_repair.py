@@ -1,0 +1,67 @@
+"""``verify --deep --repair`` restores an env's damaged files (issue 9, item 2)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from provisioner.build.ensure import ensure
+from provisioner.build.maintenance import verify_env
+from provisioner.build.repair import repair_env
+from provisioner.config import Config
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+CPU = "sample-cpu-transformers"
+
+
+def test_repair_restores_altered_missing_and_placeholder_files(
+        config: Config, host_python_xy: str) -> None:
+    prefix = ensure(config, CPU).prefix
+    site = prefix / f"lib/python{host_python_xy}/site-packages"
+    shared = site / "sitecustomize.py"  # a hardlink into the cache: both are damaged
+    good_shared = shared.read_bytes()
+    with shared.open("r+b") as fh:
+        fh.truncate(10)
+    python = prefix / "bin" / "python"  # patched with the env's prefix at install time
+    good_python, mode = python.read_bytes(), python.stat().st_mode
+    python.write_bytes(b"#!/bin/sh\nexit 3\n")
+    marker = site / "_sample_python_marker.py"
+    good_marker = marker.read_bytes()
+    marker.unlink()
+
+    before = verify_env(config, CPU, deep=True)
+    assert not before.ok
+    assert len(before.altered_files) == 2 and len(before.missing_files) == 1
+
+    after = repair_env(config, CPU)
+    assert after.ok, after.problems
+    assert shared.read_bytes() == good_shared
+    assert python.read_bytes() == good_python and str(prefix).encode() in good_python
+    assert python.stat().st_mode == mode and os.access(python, os.X_OK)
+    assert marker.read_bytes() == good_marker
+
+
+def test_repair_of_a_healthy_env_changes_nothing(config: Config) -> None:
+    prefix = ensure(config, CPU).prefix
+    python = prefix / "bin" / "python"
+    inode = python.stat().st_ino
+    assert repair_env(config, CPU).ok
+    assert python.stat().st_ino == inode
+
+
+def test_cli_verify_repair(config: Config, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from provisioner.cli import cli
+
+    prefix = ensure(config, CPU).prefix
+    (prefix / "bin" / "python").write_bytes(b"broken")
+    args = ["--home", str(config.home), "verify", CPU, "--project", str(config.project)]
+    runner = CliRunner()
+    assert runner.invoke(cli, [*args, "--deep"]).exit_code == 1
+    result = runner.invoke(cli, [*args, "--repair"])
+    assert result.exit_code == 0, result.output
+    assert "deep" in result.output
