@@ -334,9 +334,12 @@ def run_streaming(
         raise
     finally:
         reader.join(timeout=_REAP_S)
-    return ProcResult(argv=args, returncode=proc.returncode, stdout="",
-                      stderr="".join(tail), timed_out=False,
-                      seconds=time.monotonic() - started)
+    result = ProcResult(argv=args, returncode=proc.returncode, stdout="",
+                        stderr="".join(tail), timed_out=False,
+                        seconds=time.monotonic() - started)
+    if result.stderr.strip():
+        _tools_log.debug("%s said (last lines):\n%s", Path(args[0]).name, result.stderr.rstrip())
+    return result
 
 
 def run_passthrough(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
