@@ -26,6 +26,9 @@ Example ``provisioner.toml``::
     health-ttl = 86400                  # seconds a cached health result stays valid
     [legacy.models]                     # local_<id> dir id -> model id, where not derivable
     "llama7b" = "meta-llama/Llama-2-7b-hf"
+
+    [gc]
+    keep = 1                            # previous generations per key kept for rollback
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ CONFIG_FILE_NAME = "provisioner.toml"
 SPECS_DIR_NAME = "environment-specs"
 LOCKS_DIR_NAME = "lockfiles"
 LEGACY_POLICIES = ("prefer", "fallback", "ignore")
-_KNOWN_KEYS = {"home", "backend", "channel-root", "channels", "pip", "legacy", "build"}
+_KNOWN_KEYS = {"home", "backend", "channel-root", "channels", "pip", "legacy", "build", "gc"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Config:
     probe_timeout: float = 60.0
     health_ttl: float = 86400.0
     force_copy: bool = False
+    gc_keep: int = 1
 
     @property
     def specs_dir(self) -> Path:
@@ -206,6 +210,11 @@ def load_config(
     build_raw = data.get("build", {})
     force_copy = bool(build_raw.get("force-copy", False)) if isinstance(build_raw, dict) else False
 
+    gc_raw = data.get("gc", {})
+    gc_keep = gc_raw.get("keep", 1) if isinstance(gc_raw, dict) else None
+    if not isinstance(gc_keep, int) or isinstance(gc_keep, bool) or not 0 <= gc_keep <= 1000:
+        raise SpecError(f"{CONFIG_FILE_NAME}: [gc] keep must be a whole number from 0 to 1000")
+
     return Config(
         project=project_dir,
         home=home_path.absolute(),
@@ -219,4 +228,5 @@ def load_config(
         probe_timeout=probe_timeout,
         health_ttl=health_ttl,
         force_copy=force_copy or env.get("PROVISIONER_FORCE_COPY") == "1",
+        gc_keep=gc_keep,
     )

@@ -87,3 +87,45 @@ class ResolutionError(UserError):
 
 class ToolMissingError(UserError):
     """An external program that the chosen configuration needs is not installed."""
+
+
+class HomeLayoutError(UserError):
+    """Something in provisioner's home is not what provisioner put there (a link, a file)."""
+
+
+class EnvironmentProblemError(UserError):
+    """The machine refused an operation: a full disk, a read-only filesystem, no permission."""
+
+
+# errno name -> what the operation needed, for the one-line message of an OS refusal.
+_NEEDS = {
+    "ENOSPC": "free disk space",
+    "EDQUOT": "disk quota",
+    "EROFS": "a writable filesystem",
+    "EACCES": "permission",
+    "EPERM": "permission",
+    "EMFILE": "more open files",
+    "ENAMETOOLONG": "a shorter path",
+}
+
+
+def environment_error(exc: OSError, doing: str = "") -> EnvironmentProblemError | None:
+    """An exit-2 error for an OS refusal the user can fix (full disk, read-only, permission).
+
+    Returns ``None`` for every other ``OSError``, which stays a bug (exit 3).
+    The message names the path and what was needed.
+    """
+    import errno as _errno
+    import os as _os
+
+    name = _errno.errorcode.get(exc.errno or 0, "")
+    need = _NEEDS.get(name)
+    if need is None:
+        return None
+    path = exc.filename if exc.filename is not None else "?"
+    what = f" while {doing}" if doing else ""
+    reason = exc.strerror or _os.strerror(exc.errno or 0)
+    return EnvironmentProblemError(
+        f"{reason} at {path}{what}: needs {need}",
+        hint=f"free space, fix permissions or choose another PROVISIONER_HOME, then retry ({name})",
+    )

@@ -38,6 +38,7 @@ from provisioner.build.fingerprint import (
     tool_version,
     write_fingerprint,
 )
+from provisioner.build.home_checks import check_home, check_key_dir, heal_pointer
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
 from provisioner.build.plan import EnsurePlan, make_plan
@@ -131,10 +132,14 @@ def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> En
     plan = make_plan(config, key)
     if opts.dry_run:
         return _dry_run(config, plan, opts, start)
+    layout = HomeLayout(config.home)
+    check_home(layout)  # links and files where the home's dirs belong: moved aside or refused
+    check_key_dir(layout, key, scan=False)
     if plan.action == "reuse" and plan.active_generation == plan.generation:
         return _reused(plan, start)
-    layout = HomeLayout(config.home)
     with hold_key_lock(key, layout.lock_file(key), timeout=opts.lock_timeout) as waited:
+        check_key_dir(layout, key)
+        heal_pointer(layout, key)
         plan = make_plan(config, key)  # another process may have finished while we waited
         if plan.action == "reuse":
             if plan.active_generation != plan.generation:

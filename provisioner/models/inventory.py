@@ -243,6 +243,7 @@ class RunPlan(PlainRecord):
     path_prepend: tuple[str, ...]
     argv: tuple[str, ...]
     env: dict[str, str] = field(repr=False)
+    generation: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The plan without the (long, possibly secret) environment."""
@@ -267,14 +268,26 @@ def prepare_run(config: Config, model: str, argv: Sequence[str], *,
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHOME"}
     env["PATH"] = os.pathsep.join([*prepend, env.get("PATH", os.defpath)])
     env["CONDA_PREFIX" if res.source == "shared" else "VIRTUAL_ENV"] = str(prefix)
-    return RunPlan(model, res.env_key, res.source, python, prefix, prepend, tuple(argv), env)
+    return RunPlan(model, res.env_key, res.source, python, prefix, prepend, tuple(argv), env,
+                   res.generation if res.source == "shared" else None)
 
 
 def run_in_env(config: Config, model: str, argv: Sequence[str], *, policy: str | None = None,
                build: bool = True) -> int:
-    """Run ``argv`` in ``model``'s env with the terminal attached; return its exit code."""
+    """Run ``argv`` in ``model``'s env with the terminal attached; return its exit code.
+
+    A shared env's generation is leased for the whole run, and the command
+    inherits the lease, so ``gc`` keeps that generation while the command runs,
+    even if this process is killed first (:mod:`provisioner.build.leases`).
+    """
+    from provisioner.build.leases import Lease, acquire_lease
+
     plan = prepare_run(config, model, argv, policy=policy, build=build)
-    return processes.run_passthrough(plan.argv, plan.env)
+    held = (acquire_lease(config.home, plan.key, plan.generation) if plan.generation
+            else Lease(plan.key, None))
+    with held:
+        fds = (held.fd,) if held.fd is not None and sys.platform != "win32" else ()
+        return processes.run_passthrough(plan.argv, plan.env, pass_fds=fds)
 
 
 def _columns(rows: list[list[str]]) -> list[str]:
