@@ -143,14 +143,15 @@ class Lease:
         self.release()
 
 
-def acquire_lease(home: Path, key: str, generation: str, *, timeout: float = 30.0) -> Lease:
+def acquire_lease(home: Path | str, key: str, generation: str, *,
+                  timeout: float = 30.0) -> Lease:
     """Take a shared lease on ``key``'s ``generation`` under ``home``.
 
     Waits up to ``timeout`` seconds while ``gc`` is deleting that generation,
     then checks that it is still a ready generation; raises
     :class:`~provisioner.errors.ResolutionError` (exit 2) when it is gone.
     """
-    layout = HomeLayout(home)
+    layout = HomeLayout(Path(home))
     check_home(layout)
     path = lease_path(layout, key, generation)
     fd = _open_locked(path, exclusive=False, deadline=time.monotonic() + timeout)
