@@ -97,15 +97,15 @@ class EnvironmentProblemError(UserError):
     """The machine refused an operation: a full disk, a read-only filesystem, no permission."""
 
 
-# errno name -> what the operation needed, for the one-line message of an OS refusal.
+# errno name -> (what the operation needed, what the user can do), for an OS refusal.
 _NEEDS = {
-    "ENOSPC": "free disk space",
-    "EDQUOT": "disk quota",
-    "EROFS": "a writable filesystem",
-    "EACCES": "permission",
-    "EPERM": "permission",
-    "EMFILE": "more open files",
-    "ENAMETOOLONG": "a shorter path",
+    "ENOSPC": ("free disk space", "free some space there"),
+    "EDQUOT": ("disk quota", "free some space there or raise the quota"),
+    "EROFS": ("a writable filesystem", "remount it read-write"),
+    "EACCES": ("permission to write there", "fix the permissions"),
+    "EPERM": ("permission to write there", "fix the permissions"),
+    "EMFILE": ("more open files", "raise the open-file limit (ulimit -n)"),
+    "ENAMETOOLONG": ("a shorter path", "use a shorter PROVISIONER_HOME"),
 }
 
 
@@ -119,13 +119,13 @@ def environment_error(exc: OSError, doing: str = "") -> EnvironmentProblemError 
     import os as _os
 
     name = _errno.errorcode.get(exc.errno or 0, "")
-    need = _NEEDS.get(name)
-    if need is None:
+    if name not in _NEEDS:
         return None
+    need, fix = _NEEDS[name]
     path = exc.filename if exc.filename is not None else "?"
     what = f" while {doing}" if doing else ""
     reason = exc.strerror or _os.strerror(exc.errno or 0)
     return EnvironmentProblemError(
         f"{reason} at {path}{what}: needs {need}",
-        hint=f"free space, fix permissions or choose another PROVISIONER_HOME, then retry ({name})",
+        hint=f"{fix}, or choose another PROVISIONER_HOME; then retry ({name})",
     )

@@ -38,7 +38,12 @@ from provisioner.build.fingerprint import (
     tool_version,
     write_fingerprint,
 )
-from provisioner.build.home_checks import check_home, check_key_dir, heal_pointer
+from provisioner.build.home_checks import (
+    check_home,
+    check_key_dir,
+    environment_problem,
+    heal_pointer,
+)
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
 from provisioner.build.plan import EnsurePlan, make_plan
@@ -126,7 +131,22 @@ def _reused(plan: EnsurePlan, start: float, waited: float = 0.0) -> EnsureResult
 
 
 def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> EnsureResult:
-    """Make sure ``key`` has a ready env matching its lock; build it if needed."""
+    """Make sure ``key`` has a ready env matching its lock; build it if needed.
+
+    A full disk, a read-only home or a denied permission raises an
+    :class:`~provisioner.errors.EnvironmentProblemError` (exit 2) that names the
+    path and what was needed; staging is removed and the pointer left as it was.
+    """
+    try:
+        return _ensure(config, key, options)
+    except (OSError, BuildError) as exc:
+        problem = environment_problem(exc, config.home, f"ensuring {key}")
+        if problem is None:
+            raise
+        raise problem from exc
+
+
+def _ensure(config: Config, key: str, options: EnsureOptions | None) -> EnsureResult:
     opts = options or EnsureOptions()
     start = time.monotonic()
     plan = make_plan(config, key)

@@ -19,8 +19,10 @@ the key's lock), or removed so that the next ``ensure`` builds afresh.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import secrets
 import stat
 from datetime import datetime, timezone
@@ -34,7 +36,7 @@ from provisioner.build.layout import (
     is_generation_name,
     python_path,
 )
-from provisioner.errors import HomeLayoutError
+from provisioner.errors import EnvironmentProblemError, HomeLayoutError, environment_error
 from provisioner.paths import is_junction
 
 log = logging.getLogger(__name__)
@@ -207,3 +209,31 @@ def heal_pointer(layout: HomeLayout, key: str) -> str | None:
                 f"to generation {newest}")
     log.warning("%s", done)
     return done
+
+
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def environment_problem(exc: BaseException, home: Path,
+                        doing: str) -> EnvironmentProblemError | None:
+    """An exit-2 error when ``exc`` (or what caused it) is a full disk, read-only or denied home.
+
+    An ``OSError`` is judged by its errno and names its own path; an installer's
+    error (rattler reports ``(os error 28)`` in its text) names the home and its
+    free space. Anything else gives ``None``: it stays what it was.
+    """
+    if isinstance(exc, OSError):
+        return environment_error(exc, doing)
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    for match in _OS_ERROR_RE.finditer("\n".join(str(e) for e in seen)):
+        code = int(match.group(1) or match.group(2))
+        problem = environment_error(OSError(code, os.strerror(code), str(home)), doing)
+        if problem is not None:
+            with contextlib.suppress(OSError):
+                problem.message += f" ({fsops.free_disk_bytes(home)} bytes free)"
+            return problem
+    return None

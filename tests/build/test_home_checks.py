@@ -204,3 +204,94 @@ def test_a_home_that_is_a_file_is_refused(config: Config) -> None:
     config.home.write_text("x", encoding="utf-8")
     with pytest.raises(HomeLayoutError, match="not a directory"):
         collect_garbage(config)
+
+
+# ------------------------------------------------------------------ full and read-only disks
+
+
+def _unshare_reason() -> str | None:
+    """Why a private tmpfs cannot be mounted here, or ``None`` when it can."""
+    import shutil as _shutil
+
+    if not sys.platform.startswith("linux") or _shutil.which("unshare") is None:
+        return "needs Linux with unshare(1)"
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                           capture_output=True, text=True, check=False, timeout=60)
+    if probe.returncode != 0:
+        return f"cannot mount a private tmpfs (unshare -Urm): {probe.stderr.strip()[:120]}"
+    return None
+
+
+_NO_UNSHARE = _unshare_reason()
+needs_tmpfs = pytest.mark.skipif(_NO_UNSHARE is not None, reason=str(_NO_UNSHARE))
+
+# Runs inside a private mount namespace; whatever it reports goes to $OUT (outside the tmpfs).
+_IN_NAMESPACE = """
+set -u
+mount -t tmpfs -o size=$SIZE tmpfs "$MNT"
+cli() { "$PY" -m provisioner -q --home "$MNT/home" "$@" --project "$PROJECT"; }
+if [ "$PREBUILD" = 1 ]; then
+  cli ensure sample-cpu-transformers >/dev/null 2>&1 || exit 90
+  dd if=/dev/zero of="$MNT/home/filler" bs=4096 2>/dev/null
+  [ "$READONLY" = 1 ] && mount -o remount,ro "$MNT"
+fi
+cli ensure "$KEY" >/dev/null 2>"$OUT/stderr"; echo $? >"$OUT/rc"
+cli resolve gpt2 >"$OUT/resolved" 2>/dev/null; echo $? >"$OUT/resolve_rc"
+"$PY" -c 'import json, os, sys
+home = sys.argv[1]
+def ls(p):
+    return sorted(os.listdir(p)) if os.path.isdir(p) else None
+envs = os.path.join(home, "envs")
+json.dump({"staging": ls(os.path.join(home, ".staging")),
+           "envs": {k: ls(os.path.join(envs, k)) for k in (ls(envs) or [])}},
+          open(sys.argv[2], "w"))' "$MNT/home" "$OUT/tree.json"
+"""
+
+
+def _in_tmpfs(config: Config, tmp_path: Path, *, size: str, key: str, prebuild: bool,
+              readonly: bool = False) -> tuple[int, str, dict[str, object], int]:
+    import json
+
+    out, mnt = tmp_path / "out", tmp_path / "mnt"
+    out.mkdir()
+    mnt.mkdir()
+    env = {**os.environ, "CONDA_OVERRIDE_CUDA": "12.1", "SIZE": size, "MNT": str(mnt),
+           "PY": sys.executable, "PROJECT": str(config.project), "KEY": key, "OUT": str(out),
+           "PREBUILD": "1" if prebuild else "0", "READONLY": "1" if readonly else "0"}
+    done = subprocess.run(["unshare", "-Urm", "sh", "-c", _IN_NAMESPACE], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    tree = json.loads((out / "tree.json").read_text(encoding="utf-8"))
+    return (int((out / "rc").read_text()), (out / "stderr").read_text(encoding="utf-8"), tree,
+            int((out / "resolve_rc").read_text()))
+
+
+@needs_tmpfs
+def test_a_disk_full_build_exits_2_naming_the_path(config: Config, tmp_path: Path) -> None:
+    rc, stderr, tree, _ = _in_tmpfs(config, tmp_path, size="64k", key=CPU, prebuild=False)
+    assert rc == EXIT_USER_ERROR, stderr
+    assert "No space left on device at " in stderr and "needs free disk space" in stderr
+    assert str(tmp_path / "mnt" / "home") in stderr and "hint:" in stderr
+    assert "internal error" not in stderr and len(stderr.strip().splitlines()) == 2
+    assert tree["staging"] == [] and tree["envs"] in ({}, {CPU: []}), "nothing half promoted"
+
+
+@needs_tmpfs
+def test_a_full_disk_leaves_the_working_env_serving(config: Config, tmp_path: Path) -> None:
+    rc, stderr, tree, resolve_rc = _in_tmpfs(config, tmp_path, size="1m",
+                                             key="sample-cu121-transformers", prebuild=True)
+    assert rc == EXIT_USER_ERROR and "No space left on device" in stderr, stderr
+    assert tree["staging"] == []
+    envs = tree["envs"]
+    assert isinstance(envs, dict) and envs.get("sample-cu121-transformers") in (None, [])
+    assert "current" in envs[CPU] and resolve_rc == 0, "the ready env still serves"
+
+
+@needs_tmpfs
+def test_a_read_only_home_exits_2_and_still_resolves(config: Config, tmp_path: Path) -> None:
+    rc, stderr, _tree, resolve_rc = _in_tmpfs(config, tmp_path, size="1m",
+                                              key="sample-cu121-transformers", prebuild=True,
+                                              readonly=True)
+    assert rc == EXIT_USER_ERROR and "Read-only file system at " in stderr, stderr
+    assert "needs a writable filesystem" in stderr
+    assert resolve_rc == 0
