@@ -111,6 +111,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return data
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path.name}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: invalid TOML: not UTF-8 text") from None
 
 
 def _resolve(project: Path, value: object, what: str) -> Path:

@@ -73,6 +73,12 @@ class ImportCheckError(UserError):
     """A freshly built env cannot import a module its spec lists, or the import hung."""
 
 
+class FetchError(BuildError):
+    """A package could not be downloaded (network, mirror): the environment's problem."""
+
+    exit_code = EXIT_USER_ERROR
+
+
 class LockTimeoutError(UserError):
     """Another process held the key's lock for longer than allowed."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from provisioner import fsops
 from provisioner.config import Config
-from provisioner.errors import BuildError, IntegrityError, LockfileError
+from provisioner.errors import BuildError, FetchError, IntegrityError, LockfileError
 from provisioner.lock.channels import (
     ChannelSource,
     file_url_to_path,
@@ -100,7 +100,7 @@ def _download(url: str, target: Path) -> None:
         partial.replace(target)
     except OSError as exc:
         fsops.remove_file(partial)
-        raise BuildError(
+        raise FetchError(
             f"could not download {url.rsplit('/', 1)[-1]}: {exc}",
             hint="check the network, or point the channel at a local mirror in provisioner.toml",
         ) from None

@@ -100,6 +100,13 @@ def check_home(layout: HomeLayout) -> list[Path]:
     if home_is is not None and not (home_is.startswith("a link") and layout.home.is_dir()):
         raise HomeLayoutError(f"the home {layout.home} is {home_is}, not a directory",
                               hint="set PROVISIONER_HOME (or --home) to a directory")
+    if not os.path.lexists(layout.home):
+        try:
+            layout.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HomeLayoutError(f"cannot create the home {layout.home}: {exc.strerror}",
+                                  hint="set PROVISIONER_HOME (or --home) to a directory that "
+                                       "you can write") from None
     moved = []
     for name in (*SCRATCH, *DATA):
         path = layout.home / name
