@@ -378,8 +378,13 @@ def _kill_marked(token: str) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:  # as subreaper we are their parent now: reap, or they stay zombies
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, 0)
+            for _attempt in range(100):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except OSError:  # not our child (init reaps it), or already reaped
+                    break
+                time.sleep(0.01)
 
 
 def _read_capped(proc: subprocess.Popen[bytes], deadline: float | None,

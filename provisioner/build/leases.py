@@ -190,6 +190,9 @@ def exclusive_lease(layout: HomeLayout, key: str, generation: str, *,
     :func:`remove_lease_file` while still inside the block.
     """
     path = lease_path(layout, key, generation)
+    if probe_only and not path.exists():
+        yield True  # never leased since gc last removed it; a dry run creates nothing
+        return
     fd = _open_locked(path, exclusive=True, deadline=time.monotonic())
     if fd is None:
         yield False
