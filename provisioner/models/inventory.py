@@ -18,7 +18,9 @@ from pathlib import Path
 
 from provisioner import fsops, processes
 from provisioner.build.fingerprint import read_fingerprint
-from provisioner.build.layout import POINTER_NAME, HomeLayout, python_path, read_pointer
+from provisioner.build.home_checks import is_real_directory
+from provisioner.build.layout import HomeLayout, python_path, read_pointer
+from provisioner.build.retention import generations
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
@@ -91,8 +93,8 @@ def _is_key(name: str) -> bool:
 
 
 def _built_keys(layout: HomeLayout) -> list[str]:
-    found = layout.envs.iterdir() if layout.envs.is_dir() else iter(())
-    return sorted(p.name for p in found if p.is_dir() and _is_key(p.name))
+    found = layout.envs.iterdir() if is_real_directory(layout.envs) else iter(())
+    return sorted(p.name for p in found if is_real_directory(p) and _is_key(p.name))
 
 
 def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
@@ -102,8 +104,7 @@ def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
     rows = []
     for key in _built_keys(layout):
         active = read_pointer(layout, key)
-        for gen_dir in sorted(p for p in layout.key_dir(key).iterdir()
-                              if p.is_dir() and p.name != POINTER_NAME):
+        for gen_dir in generations(layout, key):  # real dirs only: no links, nothing moved aside
             users = {m: e for m, e in models.items() if isinstance(e, dict)
                      and e.get("env_key") == key and e.get("source") == "shared"
                      and e.get("generation") == gen_dir.name}
