@@ -72,7 +72,7 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], dict[str, str], int, s
                                     ["ensure", CPU], {}, 2, "no_such_module"),
     "sha mismatch": (_corrupt_archive, ["ensure", CPU], {}, 2, "sha256 mismatch"),
     "lockfile is a directory": (lambda p: (_lock(p).unlink(), _lock(p).mkdir())[0],
-                                ["ensure", CPU], {}, 2, "Is a directory"),
+                                ["ensure", CPU], {}, 2, "is a directory"),
     "home under /proc": (_nothing, ["--home", "/proc/x/home", "ensure", CPU], {}, 2,
                          "/proc/x/home"),
     "truncated lock, lock --check": (
