@@ -268,7 +268,7 @@ def test_a_child_dies_with_its_killed_parent(tmp_path: Path) -> None:
 
 
 def test_run_contained_keeps_at_most_max_output_bytes() -> None:
-    from provisioner.processes import run_contained
+    from provisioner.contained import run_contained
 
     endless = "import sys\nwhile True: sys.stdout.write('x' * 4096)"
     result = run_contained([sys.executable, "-c", endless], timeout=120, max_output=100_000)
@@ -277,7 +277,7 @@ def test_run_contained_keeps_at_most_max_output_bytes() -> None:
 
 
 def test_run_contained_returns_small_output_whole() -> None:
-    from provisioner.processes import run_contained
+    from provisioner.contained import run_contained
 
     code = "print('out'); import sys; print('err', file=sys.stderr)"
     result = run_contained([sys.executable, "-c", code], timeout=60)

@@ -1,6 +1,6 @@
 """Health probes: run an env's python, ask it what it has, and judge it. Returns data.
 
-The probe runs the interpreter contained (``processes.run_contained``: its own
+The probe runs the interpreter contained (``contained.run_contained``: its own
 session, a timeout, the group and every marked descendant killed after it, at
 most 1 MiB of output read), isolated (``-I``) for legacy venvs, and prints
 JSON: python version, platform, each import's version or error, and the CUDA
@@ -95,7 +95,7 @@ class Health:
 def run_probe(python: Path | None, imports: Sequence[str], *, timeout: float = 60.0,
               isolated: bool = True) -> tuple[dict[str, object] | None, str]:
     """Run the probe; return (facts, error). Never raises."""
-    from provisioner import processes
+    from provisioner import contained
     from provisioner.errors import ToolMissingError
 
     if python is None or not python.exists():
@@ -105,13 +105,13 @@ def run_probe(python: Path | None, imports: Sequence[str], *, timeout: float = 6
     try:
         # Contained: the group is killed after every probe, setsid grandchildren too,
         # and at most 1 MiB of output is read (a probe runs untrusted env code).
-        result = processes.run_contained(argv, timeout=timeout, env=env)
+        result = contained.run_contained(argv, timeout=timeout, env=env)
     except (ToolMissingError, OSError) as exc:
         return None, f"cannot run {python}: {exc}"
     if result.timed_out:
         return None, f"probe timed out after {timeout:g} s"
     if result.truncated:
-        return None, (f"probe printed more than {processes.MAX_CONTAINED_OUTPUT} bytes; "
+        return None, (f"probe printed more than {contained.MAX_CONTAINED_OUTPUT} bytes; "
                       "stopped reading and killed it")
     line = next((ln for ln in reversed(result.stdout.splitlines()) if ln.startswith(MARK)), None)
     if line is None:
