@@ -12,7 +12,8 @@ this package loads no solver, conda-lock or rich):
 * models → envs: :func:`get_env_for_model` and its :class:`Resolution`;
   :func:`list_envs`, :func:`migrate`.
 * building: :func:`ensure` with :class:`EnsureOptions` and :class:`EnsureResult`;
-  :func:`verify_env`, :func:`collect_garbage`.
+  :func:`verify_env`, :func:`collect_garbage`; :func:`lease` (a :class:`Lease`)
+  keeps the generation a host app runs from safe from ``gc``.
 * locking: :func:`lock_envs`, :func:`check_locks`.
 * configuration and errors: :func:`load_config`, :class:`Config`,
   :class:`ProvisionerError` (every error carries a ``hint`` and an ``exit_code``).
@@ -43,15 +44,18 @@ _EXPORTS = {
     "load_config": "provisioner.config",
     "Config": "provisioner.config",
     "ProvisionerError": "provisioner.errors",
+    "lease": "provisioner.build.leases",
+    "Lease": "provisioner.build.leases",
 }
 __all__ = [
-    "Config", "EnsureOptions", "EnsureResult", "ProvisionerError", "Resolution", "__version__",
-    "check_locks", "collect_garbage", "ensure", "get_env_for_model", "list_envs", "load_config",
-    "lock_envs", "migrate", "verify_env",
+    "Config", "EnsureOptions", "EnsureResult", "Lease", "ProvisionerError", "Resolution",
+    "__version__", "check_locks", "collect_garbage", "ensure", "get_env_for_model", "lease",
+    "list_envs", "load_config", "lock_envs", "migrate", "verify_env",
 ]
 
 if TYPE_CHECKING:
     from provisioner.build.ensure import EnsureOptions, EnsureResult, ensure
+    from provisioner.build.leases import Lease, lease
     from provisioner.build.maintenance import collect_garbage, verify_env
     from provisioner.config import Config, load_config
     from provisioner.errors import ProvisionerError

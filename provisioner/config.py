@@ -34,6 +34,9 @@ Example ``provisioner.toml``::
     health-ttl = 86400                  # seconds a cached health result stays valid
     [legacy.models]                     # local_<id> dir id -> model id, where not derivable
     "llama7b" = "meta-llama/Llama-2-7b-hf"
+
+    [gc]
+    keep = 1                            # previous generations per key kept for rollback
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ CONFIG_FILE_NAME = "provisioner.toml"
 SPECS_DIR_NAME = "environment-specs"
 LOCKS_DIR_NAME = "lockfiles"
 LEGACY_POLICIES = ("prefer", "fallback", "ignore")
-_KNOWN_KEYS = {"home", "backend", "channel-root", "channels", "pip", "legacy", "build"}
+_KNOWN_KEYS = {"home", "backend", "channel-root", "channels", "pip", "legacy", "build", "gc"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Config:
     health_ttl: float = 86400.0
     force_copy: bool = False
     package_limits: PackageLimits = PackageLimits()
+    gc_keep: int = 1
 
     @property
     def specs_dir(self) -> Path:
@@ -163,6 +167,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return data
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path.name}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: invalid TOML: not UTF-8 text") from None
 
 
 def _resolve(project: Path, value: object, what: str) -> Path:
@@ -264,6 +270,11 @@ def load_config(
         raise SpecError(f"{CONFIG_FILE_NAME}: [build] must be a table")
     force_copy = bool(build_raw.get("force-copy", False))
 
+    gc_raw = data.get("gc", {})
+    gc_keep = gc_raw.get("keep", 1) if isinstance(gc_raw, dict) else None
+    if not isinstance(gc_keep, int) or isinstance(gc_keep, bool) or not 0 <= gc_keep <= 1000:
+        raise SpecError(f"{CONFIG_FILE_NAME}: [gc] keep must be a whole number from 0 to 1000")
+
     return Config(
         project=project_dir,
         home=home_path.absolute(),
@@ -278,4 +289,5 @@ def load_config(
         health_ttl=health_ttl,
         force_copy=force_copy or env.get("PROVISIONER_FORCE_COPY") == "1",
         package_limits=_limits(build_raw),
+        gc_keep=gc_keep,
     )

@@ -79,6 +79,12 @@ class UnsafePackageError(IntegrityError):
     exit_code = EXIT_USER_ERROR
 
 
+class FetchError(BuildError):
+    """A package could not be downloaded (network, mirror): the environment's problem."""
+
+    exit_code = EXIT_USER_ERROR
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a build; the CLI exits ``128 + signum``.
 
@@ -106,3 +112,45 @@ class ResolutionError(UserError):
 
 class ToolMissingError(UserError):
     """An external program that the chosen configuration needs is not installed."""
+
+
+class HomeLayoutError(UserError):
+    """Something in provisioner's home is not what provisioner put there (a link, a file)."""
+
+
+class EnvironmentProblemError(UserError):
+    """The machine refused an operation: a full disk, a read-only filesystem, no permission."""
+
+
+# errno name -> (what the operation needed, what the user can do), for an OS refusal.
+_NEEDS = {
+    "ENOSPC": ("free disk space", "free some space there"),
+    "EDQUOT": ("disk quota", "free some space there or raise the quota"),
+    "EROFS": ("a writable filesystem", "remount it read-write"),
+    "EACCES": ("permission to write there", "fix the permissions"),
+    "EPERM": ("permission to write there", "fix the permissions"),
+    "EMFILE": ("more open files", "raise the open-file limit (ulimit -n)"),
+    "ENAMETOOLONG": ("a shorter path", "use a shorter PROVISIONER_HOME"),
+}
+
+
+def environment_error(exc: OSError, doing: str = "") -> EnvironmentProblemError | None:
+    """An exit-2 error for an OS refusal the user can fix (full disk, read-only, permission).
+
+    Returns ``None`` for every other ``OSError``, which stays a bug (exit 3).
+    The message names the path and what was needed.
+    """
+    import errno as _errno
+    import os as _os
+
+    name = _errno.errorcode.get(exc.errno or 0, "")
+    if name not in _NEEDS:
+        return None
+    need, fix = _NEEDS[name]
+    path = exc.filename if exc.filename is not None else "?"
+    what = f" while {doing}" if doing else ""
+    reason = exc.strerror or _os.strerror(exc.errno or 0)
+    return EnvironmentProblemError(
+        f"{reason} at {path}{what}: needs {need}",
+        hint=f"{fix}, or choose another PROVISIONER_HOME; then retry ({name})",
+    )

@@ -167,6 +167,7 @@ class ProcResult:
     stderr: str
     timed_out: bool
     seconds: float
+    truncated: bool = False  # output went past the cap of run_contained; the group was killed
 
     @property
     def ok(self) -> bool:
@@ -342,21 +343,24 @@ def run_streaming(
     return result
 
 
-def run_passthrough(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+def run_passthrough(argv: Sequence[str], env: Mapping[str, str] | None = None,
+                    pass_fds: Sequence[int] = ()) -> int:
     """Run ``argv`` with inherited stdin/stdout/stderr and return its exit code.
 
     For commands the user runs in an env (``provisioner run``): the child shares
     the terminal and its process group, so Ctrl-C reaches it directly; this
     process waits for it to finish. ``argv[0]`` is looked up on ``env``'s
     ``PATH`` when given. A child killed by signal N gives ``128 + N``, as in a
-    shell. Raises ``ToolMissingError`` if the program does not exist.
+    shell. Raises ``ToolMissingError`` if the program does not exist. The
+    descriptors in ``pass_fds`` are inherited by the child (a lease, for one).
     """
     args = [str(a) for a in argv]
     if not args:
         raise ValueError("run_passthrough() needs a program to run")
     executable = _resolve(args[0], env)
     try:
-        proc = subprocess.Popen([executable, *args[1:]], env=None if env is None else dict(env))
+        proc = subprocess.Popen([executable, *args[1:]], env=None if env is None else dict(env),
+                                pass_fds=tuple(pass_fds))
     except FileNotFoundError:
         raise _missing(args[0]) from None
     while True:

@@ -318,3 +318,21 @@ def test_run_streaming_keeps_the_last_stderr_lines() -> None:
     result = run_streaming([sys.executable, "-c", code], on_line=seen.append, stderr_lines=3)
     assert seen == ["out"] and result.returncode == 0
     assert result.stderr.split() == ["97", "98", "99"]
+
+
+def test_run_contained_keeps_at_most_max_output_bytes() -> None:
+    from provisioner.contained import run_contained
+
+    endless = "import sys\nwhile True: sys.stdout.write('x' * 4096)"
+    result = run_contained([sys.executable, "-c", endless], timeout=120, max_output=100_000)
+    assert result.truncated and not result.timed_out
+    assert len(result.stdout) + len(result.stderr) == 100_000
+
+
+def test_run_contained_returns_small_output_whole() -> None:
+    from provisioner.contained import run_contained
+
+    code = "print('out'); import sys; print('err', file=sys.stderr)"
+    result = run_contained([sys.executable, "-c", code], timeout=60)
+    assert result.ok and result.stdout == "out\n" and result.stderr == "err\n"
+    assert not result.truncated

@@ -21,7 +21,7 @@ from pathlib import Path
 from provisioner import fsops
 from provisioner.build.url_checks import confined_source
 from provisioner.config import Config
-from provisioner.errors import BuildError, IntegrityError, LockfileError
+from provisioner.errors import BuildError, FetchError, IntegrityError, LockfileError
 from provisioner.lock.channels import (
     ChannelSource,
     file_url_to_path,
@@ -108,7 +108,7 @@ def _download(url: str, target: Path) -> None:
         fsops.remove_file(partial)
         if not isinstance(exc, OSError):
             raise
-        raise BuildError(
+        raise FetchError(
             f"could not download {url.rsplit('/', 1)[-1]}: {exc}",
             hint="check the network, or point the channel at a local mirror in provisioner.toml",
         ) from None

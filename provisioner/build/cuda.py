@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from provisioner.errors import UserError
 from provisioner.lock.cuda_need import CudaNeed, cuda_need, driver_satisfies
 from provisioner.lock.lockfile import LockData
 
@@ -37,7 +38,15 @@ def host_cuda_version() -> str | None:
     """The CUDA version the host driver supports (``__cuda``), or ``None``."""
     import rattler
 
-    for vp in rattler.VirtualPackage.detect(rattler.VirtualPackageOverrides.from_env()):
+    try:
+        detected = rattler.VirtualPackage.detect(rattler.VirtualPackageOverrides.from_env())
+    except Exception as exc:  # rattler's DetectVirtualPackageError: a bad override
+        raise UserError(
+            f"cannot detect the host's virtual packages: {str(exc).splitlines()[0][:200]}",
+            hint="check CONDA_OVERRIDE_CUDA (a version like 12.1) and the other "
+                 "CONDA_OVERRIDE_* variables",
+        ) from None
+    for vp in detected:
         generic = vp.into_generic()
         if generic.name.normalized == "__cuda":
             return str(generic.version)

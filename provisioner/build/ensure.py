@@ -38,6 +38,12 @@ from provisioner.build.fingerprint import (
     tool_version,
     write_fingerprint,
 )
+from provisioner.build.home_checks import (
+    check_home,
+    check_key_dir,
+    environment_problem,
+    heal_pointer,
+)
 from provisioner.build.interrupts import interruptible
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
@@ -127,16 +133,35 @@ def _reused(plan: EnsurePlan, start: float, waited: float = 0.0) -> EnsureResult
 
 
 def ensure(config: Config, key: str, options: EnsureOptions | None = None) -> EnsureResult:
-    """Make sure ``key`` has a ready env matching its lock; build it if needed."""
+    """Make sure ``key`` has a ready env matching its lock; build it if needed.
+
+    A full disk, a read-only home or a denied permission raises an
+    :class:`~provisioner.errors.EnvironmentProblemError` (exit 2) that names the
+    path and what was needed; staging is removed and the pointer left as it was.
+    """
+    try:
+        return _ensure(config, key, options)
+    except (OSError, BuildError) as exc:
+        problem = environment_problem(exc, config.home, f"ensuring {key}")
+        if problem is None:
+            raise
+        raise problem from exc
+
+
+def _ensure(config: Config, key: str, options: EnsureOptions | None) -> EnsureResult:
     opts = options or EnsureOptions()
     start = time.monotonic()
     plan = make_plan(config, key)
     if opts.dry_run:
         return _dry_run(config, plan, opts, start)
+    layout = HomeLayout(config.home)
+    check_home(layout)  # links and files where the home's dirs belong: moved aside or refused
+    check_key_dir(layout, key, scan=False)
     if plan.action == "reuse" and plan.active_generation == plan.generation:
         return _reused(plan, start)
-    layout = HomeLayout(config.home)
     with hold_key_lock(key, layout.lock_file(key), timeout=opts.lock_timeout) as waited:
+        check_key_dir(layout, key)
+        heal_pointer(layout, key)
         plan = make_plan(config, key)  # another process may have finished while we waited
         if plan.action == "reuse":
             if plan.active_generation != plan.generation:

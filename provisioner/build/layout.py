@@ -86,10 +86,27 @@ def python_path(prefix: Path, platform: str | None = None) -> Path:
     return prefix / "python.exe" if is_windows_platform(plat) else prefix / "bin" / "python"
 
 
+def is_generation_name(value: str) -> bool:
+    """Whether ``value`` can name a generation: one plain, visible path component."""
+    return (bool(value) and len(value) <= 255 and value != POINTER_NAME
+            and not value.startswith(".") and "\0" not in value
+            and not any(sep in value for sep in ("/", "\\", ":")))
+
+
 def read_pointer(layout: HomeLayout, key: str) -> str | None:
-    """The active generation of ``key``, or ``None``."""
+    """The active generation of ``key``, or ``None`` (also for a pointer that is not valid).
+
+    A valid pointer is a regular file (never a link or a directory) holding one
+    generation name; anything else reads as "no active generation", and
+    ``build.home_checks.heal_pointer`` repairs it under the key's lock.
+    """
+    import stat
+
+    path = layout.pointer(key)
     try:
-        value = layout.pointer(key).read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, NotADirectoryError):
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    return value or None
+    return value if is_generation_name(value) else None

@@ -6,9 +6,9 @@
   deep: sha256 as recorded, as ``conda doctor`` does).
 * :func:`collect_garbage` removes interrupted builds in ``.staging/`` (only
   when their key's lock is free, never by age), everything in ``.trash/``, and
-  generations older than the previous one: per key it keeps the active
-  generation and the most recent other one. Each key is handled under its file
-  lock, taken without waiting; a busy key is skipped.
+  old generations: per key it keeps the active generation, the ``[gc] keep``
+  most recent other ones, and every leased one. Each key is handled under its
+  file lock, taken without waiting; a busy key is skipped.
 
 Both return data; nothing here prints.
 """
@@ -16,23 +16,29 @@ Both return data; nothing here prints.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from provisioner import fsops
 from provisioner.build import orphans
 from provisioner.build.env_checks import check_files, check_records
-from provisioner.build.fingerprint import fingerprint_path, in_progress_path, read_fingerprint
+from provisioner.build.fingerprint import in_progress_path, read_fingerprint
+from provisioner.build.home_checks import (
+    check_home,
+    check_key_dir,
+    heal_pointer,
+    is_real_directory,
+)
 from provisioner.build.key_lock import hold_key_lock, is_key_locked
-from provisioner.build.layout import POINTER_NAME, HomeLayout, generation_name, read_pointer
+from provisioner.build.layout import HomeLayout, generation_name, read_pointer
+from provisioner.build.leases import exclusive_lease, remove_lease_file
 from provisioner.build.plan import locked_hash
+from provisioner.build.retention import judge_generations
 from provisioner.config import Config
-from provisioner.errors import LockTimeoutError, ProvisionerError
+from provisioner.errors import LockTimeoutError, ProvisionerError, UserError
 from provisioner.keys import validate_env_key
 from provisioner.lock.check import lockfile_path
 from provisioner.lock.platforms import host_platform
@@ -200,6 +206,7 @@ class GcReport:
     removed: tuple[GcItem, ...] = ()
     kept: tuple[Path, ...] = ()
     skipped: tuple[GcSkip, ...] = ()
+    why_kept: tuple[GcSkip, ...] = ()
 
     @property
     def bytes_freed(self) -> int:
@@ -212,6 +219,7 @@ class GcReport:
             "bytes_freed": self.bytes_freed,
             "removed": [item.to_dict() for item in self.removed],
             "kept": [str(p) for p in self.kept],
+            "why_kept": [k.to_dict() for k in self.why_kept],
             "skipped": [s.to_dict() for s in self.skipped],
         }
 
@@ -229,10 +237,10 @@ class _KeyWork:
 class _Collector:
     dry_run: bool
     removed: list[GcItem] = field(default_factory=list)
-    kept: list[Path] = field(default_factory=list)
+    kept: list[GcSkip] = field(default_factory=list)
     skipped: list[GcSkip] = field(default_factory=list)
 
-    def remove(self, kind: GcKind, path: Path, key: str | None) -> None:
+    def remove(self, kind: GcKind, path: Path, key: str | None) -> bool:
         size = fsops.tree_size(path)
         if not self.dry_run:
             try:
@@ -243,11 +251,15 @@ class _Collector:
                 fsops.safe_rmtree(path, require_marker=kind not in ("trash", "cache-partial"))
             except (ProvisionerError, OSError) as exc:
                 self.skipped.append(GcSkip(path, f"could not remove: {exc}", key))
-                return
+                return False
         self.removed.append(GcItem(kind, path, size, key))
+        return True
 
 
 def _list(directory: Path) -> list[Path]:
+    """Entries of a real directory; a link or file in its place is never listed."""
+    if not is_real_directory(directory):
+        return []
     try:
         return sorted(directory.iterdir())
     except (FileNotFoundError, NotADirectoryError):
@@ -265,31 +277,6 @@ def _keyed(path: Path) -> str | None:
         return None
 
 
-def _age(prefix: Path) -> tuple[float, int]:
-    """Sort key, oldest first: fingerprint ``created_at`` (else dir mtime), then mtime_ns."""
-    fp = read_fingerprint(prefix)
-    stamp_path = fingerprint_path(prefix) if fp is not None else prefix
-    try:
-        mtime_ns = os.stat(stamp_path).st_mtime_ns
-    except OSError:
-        mtime_ns = 0
-    if fp is not None:
-        try:
-            return datetime.fromisoformat(fp.created_at).timestamp(), mtime_ns
-        except ValueError:
-            pass
-    return mtime_ns / 1e9, mtime_ns
-
-
-def _generations(layout: HomeLayout, key: str) -> list[Path]:
-    """The generation dirs of ``key``: its non-hidden real directories."""
-    return [
-        p for p in _list(layout.key_dir(key))
-        if p.name != POINTER_NAME and not p.name.startswith(".")
-        and p.is_dir() and not p.is_symlink()
-    ]
-
-
 @contextlib.contextmanager
 def _key_lock(layout: HomeLayout, key: str, dry_run: bool) -> Iterator[bool]:
     """Yield whether ``key`` is free; hold its lock meanwhile (probe only in a dry run)."""
@@ -305,7 +292,8 @@ def _key_lock(layout: HomeLayout, key: str, dry_run: bool) -> Iterator[bool]:
         yield free
 
 
-def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: _Collector) -> None:
+def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: _Collector,
+                 keep: int) -> None:
     with _key_lock(layout, key, out.dry_run) as free:
         if not free:
             for path in [*work.staging, *work.trash]:
@@ -321,13 +309,20 @@ def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: _Collector) 
             out.remove("trash", path, key)
         if not work.has_envs:
             return
-        active = read_pointer(layout, key)
-        gens = _generations(layout, key)
-        others = sorted((g for g in gens if g.name != active), key=_age)
-        keep = {g for g in gens if g.name == active} | set(others[-1:])
-        out.kept.extend(sorted(keep))
-        for gen in others[:-1]:
-            out.remove("generation", gen, key)
+        if not out.dry_run:
+            check_key_dir(layout, key)
+            heal_pointer(layout, key)
+        for verdict in judge_generations(layout, key, keep):
+            gen = verdict.path
+            if verdict.keep:
+                out.kept.append(GcSkip(gen, verdict.reason, key))
+                continue
+            with exclusive_lease(layout, key, gen.name, probe_only=out.dry_run) as free:
+                if not free:
+                    out.kept.append(GcSkip(gen, "leased: a running process uses it "
+                                                "(provisioner run, or a host app's lease)", key))
+                elif out.remove("generation", gen, key) and not out.dry_run:
+                    remove_lease_file(layout, key, gen.name)
 
 
 def _collect_partial_cache_entries(layout: HomeLayout, out: _Collector) -> None:
@@ -344,18 +339,31 @@ def _collect_partial_cache_entries(layout: HomeLayout, out: _Collector) -> None:
                 out.skipped.append(GcSkip(path, "the package cache is in use by a build"))
 
 
-def collect_garbage(config: Config, *, dry_run: bool = False) -> GcReport:
+def collect_garbage(config: Config, *, dry_run: bool = False,
+                    keep: int | None = None) -> GcReport:
     """Free disk space under the home; with ``dry_run``, only report what would go.
 
     Removes stale staging dirs (their key's lock is free, so no build owns
     them), every entry of ``.trash/``, and per key every generation except the
-    active one and the most recent other one (by the fingerprint's
+    active one and the ``keep`` most recent other ones (by the fingerprint's
     ``created_at``, or the dir's mtime without one). Each key is handled while
     holding its lock (taken without waiting, so a busy key is skipped); a dry
     run only probes the locks. Sizes are measured before removal, hard links
     counted once per tree. Deletion goes through :func:`fsops.safe_rmtree`.
+
+    ``keep`` (default: ``[gc] keep`` of the config) previous generations per
+    key are kept for rollback, and a leased generation is never removed
+    (:mod:`provisioner.build.retention`, :mod:`provisioner.build.leases`); the
+    report says why each generation was kept. A link or file where the home's
+    own directories should be is moved aside or refused first
+    (:mod:`provisioner.build.home_checks`), never walked.
     """
     layout = HomeLayout(config.home)
+    keep = config.gc_keep if keep is None else keep
+    if keep < 0:
+        raise UserError(f"gc keep must be 0 or more, not {keep}")
+    if not dry_run:
+        check_home(layout)
     out = _Collector(dry_run=dry_run)
     work: dict[str, _KeyWork] = {}
 
@@ -372,7 +380,7 @@ def collect_garbage(config: Config, *, dry_run: bool = False) -> GcReport:
         else:
             work.setdefault(key, _KeyWork()).trash.append(path)
     for path in _list(layout.envs):
-        if not path.is_dir() or path.is_symlink():
+        if not is_real_directory(path):
             continue
         try:
             key = validate_env_key(path.name)
@@ -382,9 +390,10 @@ def collect_garbage(config: Config, *, dry_run: bool = False) -> GcReport:
         work.setdefault(key, _KeyWork()).has_envs = True
 
     for key in sorted(work):
-        _collect_key(layout, key, work[key], out)
+        _collect_key(layout, key, work[key], out, keep)
     _collect_partial_cache_entries(layout, out)
     return GcReport(
         home=config.home, dry_run=dry_run, removed=tuple(out.removed),
-        kept=tuple(out.kept), skipped=tuple(out.skipped),
+        kept=tuple(k.path for k in out.kept), skipped=tuple(out.skipped),
+        why_kept=tuple(out.kept),
     )

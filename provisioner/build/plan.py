@@ -92,6 +92,7 @@ def env_is_ready(prefix: Path, lock_hash: str, platform: str) -> bool:
     fp = read_fingerprint(prefix)
     return (
         fp is not None
+        and not prefix.is_symlink()
         and fp.lock_hash == lock_hash
         and not in_progress_path(prefix).exists()
         and python_path(prefix, platform).exists()

@@ -20,7 +20,12 @@ import click
 
 from provisioner import __version__
 from provisioner.config import Config, load_config
-from provisioner.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, ProvisionerError
+from provisioner.errors import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_USER_ERROR,
+    ProvisionerError,
+    environment_error,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -273,6 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as exc:
         code = _interrupted(as_json, exc)
     except Exception as exc:
+        # A full disk, a read-only home or a denied permission is no bug: exit 2.
+        problem = environment_error(exc) if isinstance(exc, OSError) else None
+        if problem is not None:
+            sys.exit(_fail(as_json, type(problem).__name__, problem.message, problem.hint,
+                           problem.exit_code))
         if os.environ.get("PROVISIONER_DEBUG"):
             raise
         code = _fail(as_json, type(exc).__name__, f"internal error: {type(exc).__name__}: {exc}",

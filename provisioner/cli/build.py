@@ -143,20 +143,26 @@ def verify_cmd(
 
 @cli.command("gc")
 @project_options
-@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option("--dry-run", is_flag=True,
+              help="Only report what would be removed, and why the rest is kept.")
+@click.option("--keep", type=click.IntRange(0, 1000), default=None, metavar="N",
+              help="Previous generations kept per key for rollback (default: [gc] keep, 1).")
 @json_option
 @click.pass_context
-def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, as_json: bool) -> None:
-    """Remove interrupted builds, the trash and generations older than the previous one."""
+def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, keep: int | None,
+           as_json: bool) -> None:
+    """Remove interrupted builds, the trash and old generations (never active or leased ones)."""
     from provisioner.build.maintenance import collect_garbage
 
-    report = collect_garbage(make_config(ctx, project), dry_run=dry_run)
+    report = collect_garbage(make_config(ctx, project), dry_run=dry_run, keep=keep)
     if as_json:
         emit_json(report.to_dict())
         return
     verb = "would remove" if dry_run else "removed"
     for item in report.removed:
         click.echo(f"{verb} {item.kind:10} {item.path} ({item.bytes} bytes)")
+    for kept in report.why_kept if dry_run else ():
+        click.echo(f"keep {kept.path}: {kept.reason}")
     for skip in report.skipped:
         click.echo(f"skipped {skip.path}: {skip.reason}")
     freed = "would free" if dry_run else "freed"

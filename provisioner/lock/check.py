@@ -21,6 +21,9 @@ Importing conda-lock costs about a second, so ``x-provisioner.conda-lock-seal``
 seals the spec's bytes, conda-lock's version and the ``content_hash`` values
 together: while the seal holds, conda-lock's hash is known to be what
 conda-lock computed from this very spec, and ``lock --check`` needs no import.
+
+It also checks that the package section is whole (:mod:`provisioner.lock.body_check`):
+a lock cut short keeps its metadata, and so its hashes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
+from provisioner.lock.body_check import lock_body_problems
 from provisioner.lock.cuda_need import VIRTUAL_PACKAGES_FIELD
 from provisioner.lock.lockfile import lockfile_path
 from provisioner.lock.platforms import VirtualPackages, virtual_packages_for
@@ -160,6 +164,7 @@ def check_key(config: Config, key: str, *, conda_lock_hash: bool = False) -> Che
     extra = sorted(set(locked_platforms) - set(spec.platforms))
     if extra:
         reasons.append(f"lock has platforms the spec no longer lists: {', '.join(extra)}")
+    reasons.extend(lock_body_problems(lock_path, spec))
     return CheckResult(key, not reasons, tuple(reasons), rel, tuple(spec.platforms))
 
 

@@ -47,6 +47,7 @@ _SELECTORS = {
 }
 _SELECTOR_RE = re.compile(r"(.+?)\s*(#.*)\[([^\[\]]+)\](?(2)[^\(\)]*)$")
 NO_DEFAULTS = "nodefaults"
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,19 @@ def load_spec(specs_dir: Path, key: str) -> EnvSpec:
             f"no spec for env key '{key}' ({path.name} not found in {specs_dir.name}/)",
             hint=f"known keys: {', '.join(known)}" if known else "add a spec file first",
         )
-    return parse_spec(path.read_text(encoding="utf-8"), source=path, expected_key=key)
+    return parse_spec(read_text_file(path), source=path, expected_key=key)
+
+
+def read_text_file(path: Path) -> str:
+    """A spec-like file's text; binary content or an unreadable path is a :class:`SpecError`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#x})",
+                        hint="this should be a YAML file; restore it from version control"
+                        ) from None
+    except OSError as exc:
+        raise SpecError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def load_yaml_mapping(text: str, source: str) -> dict[str, Any]:
@@ -192,6 +205,11 @@ def parse_spec(text: str, *, source: Path | str, expected_key: str | None = None
             reason = str(exc).splitlines()[0]
             raise SpecError(f"{name}: provides entry {req!r} is invalid: {reason}") from None
     imports = _str_list(own.get("imports", []), "x-provisioner.imports", name)
+    for module in imports:
+        if not _MODULE_RE.fullmatch(module):
+            raise SpecError(f"{name}: imports entry {module[:80]!r} is not a module name",
+                            hint="list importable module names such as torch or "
+                                 "transformers.models")
     overrides_raw = own.get("virtual-packages", {})
     if not isinstance(overrides_raw, dict):
         raise SpecError(f"{name}: x-provisioner.virtual-packages must be a mapping")

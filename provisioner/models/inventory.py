@@ -18,7 +18,9 @@ from pathlib import Path
 
 from provisioner import fsops, processes
 from provisioner.build.fingerprint import read_fingerprint
-from provisioner.build.layout import POINTER_NAME, HomeLayout, python_path, read_pointer
+from provisioner.build.home_checks import is_real_directory
+from provisioner.build.layout import HomeLayout, python_path, read_pointer
+from provisioner.build.retention import generations
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
@@ -91,8 +93,8 @@ def _is_key(name: str) -> bool:
 
 
 def _built_keys(layout: HomeLayout) -> list[str]:
-    found = layout.envs.iterdir() if layout.envs.is_dir() else iter(())
-    return sorted(p.name for p in found if p.is_dir() and _is_key(p.name))
+    found = layout.envs.iterdir() if is_real_directory(layout.envs) else iter(())
+    return sorted(p.name for p in found if is_real_directory(p) and _is_key(p.name))
 
 
 def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
@@ -102,8 +104,7 @@ def _shared_rows(config: Config, state: StateFile) -> list[SharedEnvRow]:
     rows = []
     for key in _built_keys(layout):
         active = read_pointer(layout, key)
-        for gen_dir in sorted(p for p in layout.key_dir(key).iterdir()
-                              if p.is_dir() and p.name != POINTER_NAME):
+        for gen_dir in generations(layout, key):  # real dirs only: no links, nothing moved aside
             users = {m: e for m, e in models.items() if isinstance(e, dict)
                      and e.get("env_key") == key and e.get("source") == "shared"
                      and e.get("generation") == gen_dir.name}
@@ -243,6 +244,7 @@ class RunPlan(PlainRecord):
     path_prepend: tuple[str, ...]
     argv: tuple[str, ...]
     env: dict[str, str] = field(repr=False)
+    generation: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The plan without the (long, possibly secret) environment."""
@@ -267,14 +269,26 @@ def prepare_run(config: Config, model: str, argv: Sequence[str], *,
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHOME"}
     env["PATH"] = os.pathsep.join([*prepend, env.get("PATH", os.defpath)])
     env["CONDA_PREFIX" if res.source == "shared" else "VIRTUAL_ENV"] = str(prefix)
-    return RunPlan(model, res.env_key, res.source, python, prefix, prepend, tuple(argv), env)
+    return RunPlan(model, res.env_key, res.source, python, prefix, prepend, tuple(argv), env,
+                   res.generation if res.source == "shared" else None)
 
 
 def run_in_env(config: Config, model: str, argv: Sequence[str], *, policy: str | None = None,
                build: bool = True) -> int:
-    """Run ``argv`` in ``model``'s env with the terminal attached; return its exit code."""
+    """Run ``argv`` in ``model``'s env with the terminal attached; return its exit code.
+
+    A shared env's generation is leased for the whole run, and the command
+    inherits the lease, so ``gc`` keeps that generation while the command runs,
+    even if this process is killed first (:mod:`provisioner.build.leases`).
+    """
+    from provisioner.build.leases import Lease, acquire_lease
+
     plan = prepare_run(config, model, argv, policy=policy, build=build)
-    return processes.run_passthrough(plan.argv, plan.env)
+    held = (acquire_lease(config.home, plan.key, plan.generation) if plan.generation
+            else Lease(plan.key, None))
+    with held:
+        fds = (held.fd,) if held.fd is not None and sys.platform != "win32" else ()
+        return processes.run_passthrough(plan.argv, plan.env, pass_fds=fds)
 
 
 def _columns(rows: list[list[str]]) -> list[str]:

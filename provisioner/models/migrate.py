@@ -239,8 +239,7 @@ def _migrate_one(config: Config, state: StateFile, item: PlannedMigration,
     })
     if deleted:
         venv = str(item.legacy_dir / ".venv")
-        if state.section("health").pop(venv, None) is not None:
-            state.dirty = True
+        state.delete("health", venv)
     log.info("%s: migrated to %s generation %s%s", item.model_id, item.key, built.generation,
              f", deleted {item.legacy_dir} ({reclaimed} bytes)" if deleted else "")
     return MigrationResult(item.model_id, item.key, "migrated",

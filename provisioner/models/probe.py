@@ -1,7 +1,8 @@
 """Health probes: run an env's python, ask it what it has, and judge it. Returns data.
 
-The probe runs the interpreter in its own process group with a timeout (the
-group is killed on timeout), isolated (``-I``) for legacy venvs, and prints
+The probe runs the interpreter contained (``contained.run_contained``: its own
+session, a timeout, the group and every marked descendant killed after it, at
+most 1 MiB of output read), isolated (``-I``) for legacy venvs, and prints
 JSON: python version, platform, each import's version or error, and the CUDA
 facts (``torch.version.cuda``, ``torch.cuda.is_available()``, whether
 bitsandbytes loaded a CUDA library).
@@ -94,7 +95,7 @@ class Health:
 def run_probe(python: Path | None, imports: Sequence[str], *, timeout: float = 60.0,
               isolated: bool = True) -> tuple[dict[str, object] | None, str]:
     """Run the probe; return (facts, error). Never raises."""
-    from provisioner import processes
+    from provisioner import contained
     from provisioner.errors import ToolMissingError
 
     if python is None or not python.exists():
@@ -102,11 +103,16 @@ def run_probe(python: Path | None, imports: Sequence[str], *, timeout: float = 6
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     argv = [str(python), "-I" if isolated else "-s", "-c", PROBE_SCRIPT, json.dumps(list(imports))]
     try:
-        result = processes.run(argv, timeout=timeout, env=env)
+        # Contained: the group is killed after every probe, setsid grandchildren too,
+        # and at most 1 MiB of output is read (a probe runs untrusted env code).
+        result = contained.run_contained(argv, timeout=timeout, env=env)
     except (ToolMissingError, OSError) as exc:
         return None, f"cannot run {python}: {exc}"
     if result.timed_out:
         return None, f"probe timed out after {timeout:g} s"
+    if result.truncated:
+        return None, (f"probe printed more than {contained.MAX_CONTAINED_OUTPUT} bytes; "
+                      "stopped reading and killed it")
     line = next((ln for ln in reversed(result.stdout.splitlines()) if ln.startswith(MARK)), None)
     if line is None:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from provisioner.build.fingerprint import read_fingerprint
+from provisioner.build.home_checks import is_real_directory
 from provisioner.build.layout import IN_PROGRESS_NAME, HomeLayout, python_path, read_pointer
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError
@@ -82,6 +83,9 @@ def active_env(config: Config, key: str) -> tuple[Path, str, str | None] | None:
     if gen is None:
         return None
     prefix = layout.generation_dir(key, gen)
+    # Never serve through a link: ensure refuses it or moves it aside (build.home_checks).
+    if not all(map(is_real_directory, (layout.envs, prefix.parent, prefix))):
+        return None
     fp = read_fingerprint(prefix)
     if fp is None or (prefix / IN_PROGRESS_NAME).exists():
         return None

@@ -146,4 +146,6 @@ def load_model_rules(specs_dir: Path) -> ModelRules:
     path = specs_dir / RULES_FILE_NAME
     if not path.is_file():
         return ModelRules()
-    return parse_model_rules(path.read_text(encoding="utf-8"), source=path.name)
+    from provisioner.lock.spec import read_text_file
+
+    return parse_model_rules(read_text_file(path), source=path.name)

@@ -103,6 +103,11 @@ def run_demo(root: Path | None = None) -> DemoReport:
         raise UserError(f"{root} is not empty; the demo needs a new or empty home",
                         hint="give --home a new or empty directory (or unset PROVISIONER_HOME)")
     root = root.absolute()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the demo directory {root}: {exc.strerror}",
+                        hint="give --home a new directory you can write") from None
     if "CONDA_OVERRIDE_CUDA" not in os.environ:
         # The sample CUDA keys need a CUDA 12.1 driver; pretend one, as CI runners do.
         os.environ["CONDA_OVERRIDE_CUDA"] = "12.1"

@@ -97,9 +97,15 @@ class SampleProject:
 
 def create_sample_project(dest: Path, *, python_executable: str | None = None) -> SampleProject:
     """Write the sample project into ``dest`` and lock every spec against its local channel."""
+    from provisioner.errors import UserError
     from provisioner.lock.write import lock_envs
 
-    write_sample_project(dest, python_executable=python_executable)
+    try:
+        write_sample_project(dest, python_executable=python_executable)
+    except OSError as exc:
+        raise UserError(f"cannot write the sample project into {dest}: "
+                        f"{exc.strerror} ({exc.filename})",
+                        hint="choose a new directory you can write") from None
     outcomes = lock_envs(load_config(dest, environ={}))
     return SampleProject(
         path=Path(dest).absolute(),

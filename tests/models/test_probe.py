@@ -189,3 +189,59 @@ def test_judge_without_probe_facts() -> None:
     assert health.status == "broken"
     assert health.reasons == ("import torch failed: not probed", "torch: not found")
     assert Health.from_dict({"reasons": "x", "facts": []}).status == "broken"
+
+
+# --------------------------------------------------------------------------- nothing left behind
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="setsid orphans are found through Linux's /proc")
+_FACTS = '{"python": "3.11.0", "platform": "linux", "machine": "x86_64", "imports": {}}'
+# A daemon that leaves the probe's session (setsid) and its group; the pid goes to a file.
+_SETSID_DAEMON = ('import os, sys, time\n'
+                  'os.setsid()\n'
+                  'if os.fork():\n'
+                  '    os._exit(0)\n'  # double fork: the daemon's parent is gone at once
+                  'open(sys.argv[1], "w").write(str(os.getpid()))\n'
+                  'time.sleep(300)\n')
+
+
+def _wait_for_pid(path: Path) -> int:
+    for _ in range(500):
+        if path.exists() and path.read_text(encoding="utf-8").strip():
+            return int(path.read_text(encoding="utf-8"))
+        time.sleep(0.01)
+    raise AssertionError(f"no pid written to {path}")
+
+
+@posix_only
+@linux_only
+def test_a_setsid_grandchild_of_a_probe_is_gone_after_the_probe(venv: Path,
+                                                              tmp_path: Path) -> None:
+    daemon, pidfile = tmp_path / "daemon.py", tmp_path / "daemon.pid"
+    daemon.write_text(_SETSID_DAEMON, encoding="utf-8")
+    python = script_python(venv, f"{sys.executable} {daemon} {pidfile} &\n"
+                                 f"while [ ! -s {pidfile} ]; do sleep 0.01; done\n"
+                                 f"echo 'PROVISIONER-PROBE {_FACTS}'")
+    health = probe_env(python, (), ())
+    pid = _wait_for_pid(pidfile)
+    assert health.status == "healthy", health.reasons
+    assert not pid_alive(pid), "the setsid daemon survived the probe"
+
+
+@posix_only
+def test_a_background_grandchild_is_gone_even_when_the_probe_succeeds(venv: Path,
+                                                                      tmp_path: Path) -> None:
+    pidfile = tmp_path / "bg.pid"
+    python = script_python(venv, f"sleep 300 &\necho $! > {pidfile}\n"
+                                 f"echo 'PROVISIONER-PROBE {_FACTS}'")
+    health = probe_env(python, (), ())
+    assert health.status == "healthy", health.reasons
+    assert not pid_alive(_wait_for_pid(pidfile))
+
+
+@posix_only
+def test_probe_output_is_capped_at_one_mib(venv: Path) -> None:
+    python = script_python(venv, "exec yes 0123456789abcdef0123456789abcdef")  # endless output
+    health = probe_env(python, (), (), timeout=120)
+    assert health.status == "broken"
+    assert "more than 1048576 bytes" in health.reasons[0]

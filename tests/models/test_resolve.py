@@ -217,10 +217,22 @@ def test_build_failure_uses_outdated_legacy_in_degraded_mode(
 def test_filesystem_error_during_build_falls_back(world: World) -> None:
     world.legacy(MISTRAL, OUTDATED)
     world.home.mkdir()
-    (world.home / ".staging").write_text("not a directory", encoding="utf-8")
+    elsewhere = world.home.parent / "elsewhere"
+    elsewhere.mkdir()
+    (world.home / "envs").symlink_to(elsewhere)  # refused: never built through
     res = world.resolve(MISTRAL)
     assert res.source == "legacy-degraded"
     assert _steps(res)[2] == ("build shared env", "failed")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_file_where_staging_belongs_is_moved_aside_and_the_build_serves(world: World) -> None:
+    world.home.mkdir()
+    (world.home / ".staging").write_text("not a directory", encoding="utf-8")
+    res = world.resolve(MISTRAL)
+    assert res.source == "shared"
+    (aside,) = world.home.glob(".staging.moved-aside-*")
+    assert aside.read_text(encoding="utf-8") == "not a directory"
 
 
 def test_nothing_serves_lists_every_attempt(world: World) -> None:

@@ -61,7 +61,8 @@ def test_save_is_atomic(path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "could not save state file" in caplog.text
     assert state.dirty, "a failed save keeps the change for the next save"
     assert path.read_bytes() == before, "the old state file is intact"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"], "no temp left over"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json", "state.json.lock"], \
+        "no temp left over (the lock file stays, as OS lock files must)"
     monkeypatch.undo()
     state.save()
     assert set(StateFile(path).section("models")) == {"a", "b"}
@@ -71,7 +72,7 @@ def test_save_is_atomic(path: Path, monkeypatch: pytest.MonkeyPatch,
     b"\x00\xff\xfegarbage",
     b"{truncated",
     b"[]",
-    b'{"schema": 999, "models": {}}',
+    b'{"schema": 0, "models": {}}',
     b'{"models": {"a": 1}}',
 ])
 def test_corrupt_file_is_rebuilt_with_a_warning(path: Path, content: bytes,
@@ -85,6 +86,69 @@ def test_corrupt_file_is_rebuilt_with_a_warning(path: Path, content: bytes,
     state.put("models", "m", {"env_key": "k"})
     state.save()
     assert StateFile(path).section("models") == {"m": {"env_key": "k"}}
+    (aside,) = path.parent.glob("state.json.corrupt-*")
+    assert aside.read_bytes() == content, "the old bytes are kept, not overwritten"
+
+
+def test_newer_schema_is_never_overwritten(path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path.parent.mkdir(parents=True)
+    newer = json.dumps({"schema": STATE_SCHEMA + 1, "models": {"x": {"v": 2}}}).encode()
+    path.write_bytes(newer)
+    with caplog.at_level(logging.WARNING, logger="provisioner.models.state"):
+        for _ in range(3):
+            state = StateFile(path)
+            assert state.read_only and state.section("models") == {}
+            state.put("models", "m", {"env_key": "k"})
+            state.save()
+    assert path.read_bytes() == newer
+    assert caplog.text.count("written by a newer provisioner") == 1, "warned once"
+    assert list(path.parent.glob("state.json.corrupt-*")) == []
+
+
+def test_a_file_that_turns_newer_before_the_save_is_left_alone(path: Path) -> None:
+    state = StateFile(path)
+    state.put("models", "m", {"env_key": "k"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    newer = json.dumps({"schema": STATE_SCHEMA + 5}).encode()
+    path.write_bytes(newer)  # a newer provisioner wrote it meanwhile
+    state.save()
+    assert path.read_bytes() == newer
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from provisioner.models.state import StateFile
+path, name, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for i in range(count):
+    state = StateFile(path)
+    state.put("models", f"{name}-{i}", {"i": i})
+    state.save()
+"""
+
+
+def test_concurrent_read_modify_writes_lose_nothing(path: Path) -> None:
+    """8 processes x 50 updates, each a fresh load, put and save: all 400 survive."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), f"w{n}", "50"])
+             for n in range(8)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 8
+    models = StateFile(path).section("models")
+    assert len(models) == 400
+    assert all(models[f"w{n}-{i}"] == {"i": i} for n in range(8) for i in range(50))
+
+
+def test_delete_is_saved(path: Path) -> None:
+    state = StateFile(path)
+    state.put("health", "a", {"x": 1})
+    state.put("health", "b", {"x": 2})
+    state.save()
+    other = StateFile(path)
+    other.delete("health", "a")
+    other.save()
+    assert StateFile(path).section("health") == {"b": {"x": 2}}
 
 
 def test_wrong_section_types_are_reset(path: Path) -> None:
