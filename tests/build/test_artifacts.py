@@ -280,7 +280,7 @@ def test_failed_download_leaves_no_partial_file(project: SampleProject, tmp_path
     assert not downloads.exists() or list(downloads.iterdir()) == []
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+@pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 def test_ensure_from_an_http_channel(project: SampleProject, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch,
                                      served: tuple[_Server, Path]) -> None:

@@ -40,7 +40,7 @@ from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 
-unix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+unix_only = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CPU = "sample-cpu-transformers"
 CU_PLAIN = "sample-cu121-transformers"

@@ -45,7 +45,7 @@ from provisioner.lock.reader import read_lock_header, read_lockfile
 from provisioner.lock.write import lock_envs
 from provisioner.sample.project import SampleProject, create_sample_project
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CU = "sample-cu121-transformers-bnb"
 CU_PLAIN = "sample-cu121-transformers"

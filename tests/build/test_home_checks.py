@@ -27,7 +27,7 @@ from provisioner.config import Config
 from provisioner.errors import EXIT_USER_ERROR, HomeLayoutError, ProvisionerError
 from provisioner.models.resolve import get_env_for_model
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CPU = "sample-cpu-transformers"
 MODEL = "gpt2"

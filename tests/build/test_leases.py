@@ -26,7 +26,7 @@ from provisioner.lock.spec import spec_path
 from provisioner.lock.write import lock_envs
 from provisioner.models.resolve import get_env_for_model
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CPU = "sample-cpu-transformers"
 MODEL = "gpt2"  # served by CPU in the sample project's models.yml

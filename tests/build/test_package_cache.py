@@ -22,7 +22,7 @@ from provisioner.build.package_checks import CheckedPackage, PackageSummary
 from provisioner.config import Config
 from provisioner.lock.lockfile import LockedPackage
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 CU121 = "sample-cu121-transformers"
 SITE = "lib/python{xy}/site-packages/sitecustomize.py"

@@ -43,7 +43,7 @@ from provisioner.sample.project import create_sample_project
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(sys.platform == "win32",
-                       reason="SIGKILL, and the sample env's python is a /bin/sh script"),
+                       reason="SIGKILL, and not ported to Windows yet (POSIX env layout)"),
 ]
 
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from provisioner.build.maintenance import verify_env
 from provisioner.build.repair import repair_env
 from provisioner.config import Config
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from provisioner.errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 CU121 = "sample-cu121-transformers"
 

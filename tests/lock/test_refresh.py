@@ -22,7 +22,7 @@ from provisioner.lock.write import lock_envs
 from provisioner.sample.packages import PackageFile, build_conda_package, index_channel
 from provisioner.sample.stack import SAMPLE_CHANNEL, build_sample_channel
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 KEY = "rebuilt-env"
 

@@ -35,7 +35,7 @@ from provisioner.models.inventory import (
 from provisioner.models.migrate import human_bytes
 from provisioner.models.resolve import get_env_for_model
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 BNB = "sample-cu121-transformers-bnb"
 CPU = "sample-cpu-transformers"

@@ -20,7 +20,7 @@ from provisioner.models.migrate import _delete_legacy, migrate, plan_migration, 
 from provisioner.models.resolve import get_env_for_model
 from provisioner.models.state import StateFile
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sample python is /bin/sh")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 BNB = "sample-cu121-transformers-bnb"
 CPU = "sample-cpu-transformers"

@@ -32,7 +32,7 @@ from provisioner.models.state import stat_signature
 from provisioner.sample.project import create_sample_project
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32",
-                                reason="the sample env's python is a /bin/sh script")
+                                reason="not ported to Windows yet")
 
 MISTRAL = "mistralai/Mistral-7B-v0.1"
 LLAMA = "meta-llama/Llama-2-7b-hf"
