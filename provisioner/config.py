@@ -95,6 +95,17 @@ def _size(value: object, what: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
 
 
+def _fetch_timeout(value: object) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = 0.0
+    if not 0 < seconds <= 86400:
+        raise SpecError(f"fetch timeout {value!r} is not a number of seconds above 0",
+                        hint="set [build] fetch-timeout or PROVISIONER_FETCH_TIMEOUT, e.g. 120")
+    return seconds
+
+
 def _limits(raw: dict[str, Any]) -> PackageLimits:
     base = PackageLimits()
     changes: dict[str, Any] = {}
@@ -131,6 +142,7 @@ class Config:
     force_copy: bool = False
     package_limits: PackageLimits = PackageLimits()
     gc_keep: int = 1
+    fetch_timeout: float = 120.0
 
     @property
     def specs_dir(self) -> Path:
@@ -269,6 +281,8 @@ def load_config(
     if not isinstance(build_raw, dict):
         raise SpecError(f"{CONFIG_FILE_NAME}: [build] must be a table")
     force_copy = bool(build_raw.get("force-copy", False))
+    fetch_timeout = _fetch_timeout(env.get("PROVISIONER_FETCH_TIMEOUT")
+                                   or build_raw.get("fetch-timeout", 120.0))
 
     gc_raw = data.get("gc", {})
     gc_keep = gc_raw.get("keep", 1) if isinstance(gc_raw, dict) else None
@@ -290,4 +304,5 @@ def load_config(
         force_copy=force_copy or env.get("PROVISIONER_FORCE_COPY") == "1",
         package_limits=_limits(build_raw),
         gc_keep=gc_keep,
+        fetch_timeout=fetch_timeout,
     )

@@ -2,8 +2,8 @@
 
 rattler does not check the hash of packages read from ``file://`` channels, so
 provisioner verifies every archive itself: local mirror files in place, remote
-ones after downloading them into ``<cache>/downloads`` (a download that fails
-verification is deleted, never kept as valid). Hashes of unchanged files are
+ones after ``build.fetch`` downloaded them into ``<cache>/downloads`` (only
+bytes that match the lock are ever renamed into place there). Hashes of unchanged files are
 remembered by (size, mtime, inode, ctime) so that warm builds do not re-hash gigabytes.
 """
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 from provisioner import fsops
 from provisioner.build.url_checks import confined_source
 from provisioner.config import Config
-from provisioner.errors import BuildError, FetchError, IntegrityError, LockfileError
+from provisioner.errors import BuildError, IntegrityError, LockfileError
 from provisioner.lock.channels import (
     ChannelSource,
     file_url_to_path,
@@ -94,48 +92,42 @@ class _HashMemo:
             fsops.atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True))
 
 
-def _download(url: str, target: Path) -> None:
-    partial = target.with_name(target.name + ".partial")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with (
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
-            partial.open("wb") as out,
-        ):
-            shutil.copyfileobj(resp, out, _CHUNK)
-        partial.replace(target)
-    except BaseException as exc:  # Ctrl-C and SIGTERM too: no .partial is left behind
-        fsops.remove_file(partial)
-        if not isinstance(exc, OSError):
-            raise
-        raise FetchError(
-            f"could not download {url.rsplit('/', 1)[-1]}: {exc}",
-            hint="check the network, or point the channel at a local mirror in provisioner.toml",
-        ) from None
+def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSource],
+                   downloads: Path, timeout: float) -> None:
+    from provisioner.build.fetch import FetchJob, fetch_all
+
+    jobs = []
+    for pkg in packages:
+        if not pkg.sha256:
+            raise LockfileError(
+                f"{pkg.name} {pkg.version} has no sha256 in the lock; provisioner "
+                "builds only fully hash-pinned locks",
+                hint="regenerate the lock with 'provisioner lock'",
+            )
+        url = confined_source(pkg, sources)
+        if not url.startswith("file://") and not (downloads / pkg.file_name).is_file():
+            jobs.append(FetchJob(pkg, url, downloads / pkg.file_name))
+    fetch_all(jobs, timeout=timeout)
 
 
 def verify_artifacts(
-    packages: Sequence[LockedPackage], sources: list[ChannelSource], cache_dir: Path
+    packages: Sequence[LockedPackage], sources: list[ChannelSource], cache_dir: Path,
+    *, fetch_timeout: float = DOWNLOAD_TIMEOUT_S,
 ) -> list[VerifiedArtifact]:
-    """Locate (or download) and verify every package; raise on the first mismatch."""
+    """Locate (or download, see ``build.fetch``) and verify every package.
+
+    Raises on the first mismatch.
+    """
     memo = _HashMemo(cache_dir / "verified-sha256.json")
     downloads = cache_dir / "downloads"
+    _fetch_missing(packages, sources, downloads, fetch_timeout)
     result = []
     try:
         for pkg in packages:
-            if not pkg.sha256:
-                raise LockfileError(
-                    f"{pkg.name} {pkg.version} has no sha256 in the lock; provisioner "
-                    "builds only fully hash-pinned locks",
-                    hint="regenerate the lock with 'provisioner lock'",
-                )
             url = confined_source(pkg, sources)
             downloaded = not url.startswith("file://")
             if downloaded:
                 path = downloads / pkg.file_name
-                if not path.is_file():
-                    log.info("downloading %s", pkg.file_name)
-                    _download(url, path)
             else:
                 path = file_url_to_path(url)
                 if not path.is_file():

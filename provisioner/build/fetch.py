@@ -1,0 +1,195 @@
+"""Remote package archives, downloaded concurrently, retried, resumed and verified.
+
+Why urllib and not rattler's own fetching: provisioner hands rattler only archives
+it has already verified against the lock (``file://`` URLs, which rattler does not
+hash), so one verification path serves local mirrors and remote channels alike.
+urllib honours the standard proxy variables (``http_proxy``, ``https_proxy``,
+``no_proxy``) through its default opener.
+
+Each archive streams into a private ``.<file>.<pid>-<tid>.partial`` sibling of its
+target while its sha256 is computed; only bytes that match the lock are renamed
+into place, so the target never holds anything unverified. A 5xx, 408, 429, a
+timeout, a reset or a body shorter than its ``Content-Length`` is retried
+(``RETRIES`` times, exponential backoff); the retry asks for the rest with an HTTP
+``Range`` request and appends where the server answers ``206`` from that offset,
+and starts over otherwise. Bytes that arrive whole but do not match the lock are
+not retried: the server sent exactly that file, and a second request would only
+double the traffic. Any failure, Ctrl-C included, deletes the partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioner import fsops
+from provisioner.errors import FetchError, IntegrityError
+from provisioner.lock.lockfile import LockedPackage
+
+log = logging.getLogger(__name__)
+
+WORKERS = 4
+RETRIES = 3
+BACKOFF_S = 0.25  # first wait; doubles per retry
+_CHUNK = 1 << 20
+_HINT = "check the network or proxy, or point the channel at a local mirror in provisioner.toml"
+
+
+@dataclass(frozen=True)
+class FetchJob:
+    """One archive to download from ``url`` into ``target``."""
+
+    package: LockedPackage
+    url: str
+    target: Path
+
+
+class _Transient(Exception):
+    """A failure worth retrying (server error, timeout, reset, short body)."""
+
+
+class _Stopped(Exception):
+    """Another download failed or the user interrupted: give up quietly."""
+
+
+def _what(pkg: LockedPackage) -> str:
+    return f"{pkg.name} {pkg.version} ({pkg.file_name})"
+
+
+def _fetch_error(job: FetchJob, why: str) -> FetchError:
+    return FetchError(f"could not download {_what(job.package)} from {job.url}: {why}",
+                      hint=_HINT)
+
+
+class _Download:
+    def __init__(self, job: FetchJob, timeout: float, stop: threading.Event,
+                 opener: urllib.request.OpenerDirector) -> None:
+        self.job = job
+        self.opener = opener
+        self.timeout = timeout
+        self.stop = stop
+        self.partial = job.target.with_name(
+            f".{job.target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def run(self) -> None:
+        self.job.target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._with_retries()
+            actual = self.digest.hexdigest()
+            if actual != self.job.package.sha256:
+                pkg = self.job.package
+                raise IntegrityError(
+                    f"sha256 mismatch for {_what(pkg)} downloaded from {self.job.url}: "
+                    f"lock has {pkg.sha256}, archive has {actual}",
+                    hint="the archive or the lock was altered; relock, or fix the mirror")
+            fsops.rename_with_retry(self.partial, self.job.target, rename=os.replace)
+        finally:
+            fsops.remove_file(self.partial)
+
+    def _with_retries(self) -> None:
+        for attempt in range(RETRIES + 1):
+            try:
+                self._attempt()
+                return
+            except _Transient as exc:
+                if attempt == RETRIES:
+                    raise _fetch_error(self.job, f"{exc} (gave up after {RETRIES + 1} tries)"
+                                       ) from None
+                log.info("retrying %s after: %s", self.job.url, exc)
+                if self.stop.wait(BACKOFF_S * 2 ** attempt):
+                    raise _Stopped from None
+
+    def _attempt(self) -> None:
+        request = urllib.request.Request(self.job.url)
+        if self.size:
+            request.add_header("Range", f"bytes={self.size}-")
+        try:
+            with self.opener.open(request, timeout=self.timeout) as resp:
+                self._receive(resp)
+        except urllib.error.HTTPError as exc:
+            why = f"HTTP {exc.code} {exc.reason}"
+            if exc.code >= 500 or exc.code in (408, 429):
+                raise _Transient(why) from None
+            raise _fetch_error(self.job, why) from None
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            raise _Transient(_describe(exc, self.timeout)) from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (TimeoutError, ConnectionError)):
+                raise _Transient(_describe(exc.reason, self.timeout)) from None
+            raise _fetch_error(self.job, str(exc.reason)) from None
+
+    def _receive(self, resp: http.client.HTTPResponse) -> None:
+        if self.size and not (resp.status == 206 and _range_start(resp) == self.size):
+            self.digest = hashlib.sha256()  # no resume from here: start over
+            self.size = 0
+        expected = resp.headers.get("Content-Length")
+        got = 0
+        with self.partial.open("ab" if self.size else "wb") as out:
+            while chunk := resp.read(_CHUNK):
+                if self.stop.is_set():
+                    raise _Stopped
+                out.write(chunk)
+                self.digest.update(chunk)
+                self.size += len(chunk)
+                got += len(chunk)
+        # http.client's read(n) returns b"" at a closed connection without raising.
+        if expected is not None and expected.isdigit() and got < int(expected):
+            raise _Transient(f"body cut short at {got} of {expected} bytes")
+
+
+def _range_start(resp: http.client.HTTPResponse) -> int | None:
+    value = resp.headers.get("Content-Range", "")  # "bytes 100-999/1000"
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s (PROVISIONER_FETCH_TIMEOUT)"
+    return str(exc) or type(exc).__name__
+
+
+def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKERS) -> None:
+    """Download and verify every job, ``workers`` at a time; raise the first failure.
+
+    The first failure (in job order) stops the others: they delete their partial
+    files and end. So does an interrupt of the calling thread, which is re-raised
+    once every worker has cleaned up.
+    """
+    if not jobs:
+        return
+    stop = threading.Event()
+    # Built per call, not urlopen's process-wide opener: it reads the proxy variables now.
+    opener = urllib.request.build_opener()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))),
+                              thread_name_prefix="provisioner-fetch")
+    futures: list[Future[None]] = []
+    try:
+        for job in jobs:
+            log.info("downloading %s", job.package.file_name)
+            futures.append(pool.submit(_Download(job, timeout, stop, opener).run))
+        wait(futures, return_when=FIRST_EXCEPTION)
+        stop.set()  # a no-op when all succeeded; otherwise the rest end early
+        wait(futures)
+        for future in futures:
+            exc = None if future.cancelled() else future.exception()
+            if exc is not None and not isinstance(exc, _Stopped):
+                raise exc
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
