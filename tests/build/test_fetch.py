@@ -9,10 +9,12 @@ body cut short, a stall longer than the client's timeout, wrong bytes. It answer
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -267,6 +269,29 @@ def test_404_is_one_line_naming_package_and_url(project: SampleProject, tmp_path
     assert server.count(pkg) == 1, "a 404 is not retried"
     assert pkg.file_name not in fetched(cache)
     no_partials(cache)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
+def test_404_through_the_cli_with_the_mirror_in_provisioner_toml(
+        project: SampleProject, tmp_path: Path, packages: list[LockedPackage],
+        server: FaultServer) -> None:
+    """The http channel is the mirror of the lock's channel in ``[channels]``: exit 2, one line."""
+    copy = tmp_path / "project"
+    shutil.copytree(project.path, copy, ignore=shutil.ignore_patterns(".provisioner-home"))
+    (copy / "provisioner.toml").write_text(f'[channels]\n{SAMPLE_CHANNEL} = "{server.url}"\n')
+    pkg = next(p for p in packages if p.name == "numpy")
+    (server.directory / pkg.subdir / pkg.file_name).unlink()
+    env = {**os.environ, "PROVISIONER_HOME": str(tmp_path / "home")}
+    env.pop("PROVISIONER_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "provisioner", "ensure", CPU], cwd=copy,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == EXIT_USER_ERROR, done.stderr
+    url = f"{server.url}/{pkg.subdir}/{pkg.file_name}"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert f"numpy {pkg.version}" in errors[0] and url in errors[0] and "404" in errors[0]
+    assert server.count(pkg) == 1
+    no_partials(tmp_path / "home" / "pkgs")
 
 
 def test_downloads_run_concurrently(project: SampleProject, tmp_path: Path, lock: LockData,
