@@ -14,15 +14,19 @@ timeout, a reset or a body shorter than its ``Content-Length`` is retried
 ``Range`` request and appends where the server answers ``206`` from that offset,
 and starts over otherwise. Bytes that arrive whole but do not match the lock are
 not retried: the server sent exactly that file, and a second request would only
-double the traffic. Any failure, Ctrl-C included, deletes the partial file.
+double the traffic. Any failure, Ctrl-C included, deletes the partial file;
+on Ctrl-C or a first failure the other downloads' sockets are shut down, so nobody
+waits out a timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from provisioner import fsops
 from provisioner.errors import FetchError, IntegrityError
@@ -59,6 +64,63 @@ class _Transient(Exception):
 
 class _Stopped(Exception):
     """Another download failed or the user interrupted: give up quietly."""
+
+
+class _Connections:
+    """Every socket of one ``fetch_all`` call, so that a stop can shut them down.
+
+    A worker blocked in ``recv`` would otherwise notice Ctrl-C only after its
+    timeout (two minutes by default); ``shutdown`` wakes it at once. Sockets are
+    recorded at connect time because urllib detaches them from the connection
+    once the headers arrive.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._stopped = False
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.append(sock)
+            if not self._stopped:
+                return
+        self.shut_down()
+
+    def shut_down(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for sock in self._open:
+                with contextlib.suppress(OSError):  # already closed: nothing to wake
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _tracked(base: type[http.client.HTTPConnection], conns: _Connections) -> Any:
+    class Connection(base):  # type: ignore[valid-type,misc]
+        def connect(self) -> None:
+            super().connect()
+            conns.track(self.sock)
+
+    return Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, conns: _Connections) -> None:
+        super().__init__()
+        self.connection = _tracked(http.client.HTTPConnection, conns)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self.connection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, conns: _Connections) -> None:
+        super().__init__()
+        self.connection = _tracked(http.client.HTTPSConnection, conns)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self.connection, req,
+                            context=self._context)  # type: ignore[attr-defined]
 
 
 def _what(pkg: LockedPackage) -> str:
@@ -94,6 +156,10 @@ class _Download:
                     f"lock has {pkg.sha256}, archive has {actual}",
                     hint="the archive or the lock was altered; relock, or fix the mirror")
             fsops.rename_with_retry(self.partial, self.job.target, rename=os.replace)
+        except Exception:
+            if self.stop.is_set():  # whatever a shut-down socket raised, the cause is elsewhere
+                raise _Stopped from None
+            raise
         finally:
             fsops.remove_file(self.partial)
 
@@ -172,8 +238,9 @@ def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKER
     if not jobs:
         return
     stop = threading.Event()
+    conns = _Connections()
     # Built per call, not urlopen's process-wide opener: it reads the proxy variables now.
-    opener = urllib.request.build_opener()
+    opener = urllib.request.build_opener(_HTTPHandler(conns), _HTTPSHandler(conns))
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))),
                               thread_name_prefix="provisioner-fetch")
     futures: list[Future[None]] = []
@@ -183,6 +250,7 @@ def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKER
             futures.append(pool.submit(_Download(job, timeout, stop, opener).run))
         wait(futures, return_when=FIRST_EXCEPTION)
         stop.set()  # a no-op when all succeeded; otherwise the rest end early
+        conns.shut_down()
         wait(futures)
         for future in futures:
             exc = None if future.cancelled() else future.exception()
@@ -190,6 +258,7 @@ def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKER
                 raise exc
     except BaseException:
         stop.set()
+        conns.shut_down()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -50,6 +50,8 @@ class FaultServer:
         self.release = threading.Event()
         self.barrier: threading.Barrier | None = None
         self.on_stall: Any = None
+        self.client_hung_up: bool | None = None
+        self.stall_done = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -109,7 +111,14 @@ class FaultServer:
             h.wfile.flush()
             if fault == "stall":
                 self.on_stall()
-                self.release.wait(10)
+                h.connection.settimeout(60)
+                try:
+                    self.client_hung_up = h.connection.recv(1) == b""
+                except TimeoutError:
+                    self.client_hung_up = False
+                except OSError:  # a reset: hung up too
+                    self.client_hung_up = True
+                self.stall_done.set()
             elif fault == "reset":  # SO_LINGER 0: close() sends RST
                 h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                         struct.pack("ii", 1, 0))
@@ -329,9 +338,11 @@ def test_interrupt_mid_download_leaves_no_partial_file(project: SampleProject, t
     assert main is not None
     server.on_stall = lambda: signal.pthread_kill(main, signal.SIGINT)
     cache = tmp_path / "cache"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # the default timeout: the stop must not wait it out
         verify_artifacts(packages, sources(http_config(project, tmp_path, server.url), lock),
-                         cache, fetch_timeout=1.0)
+                         cache)
+    assert server.stall_done.wait(60)
+    assert server.client_hung_up, "the stalled download's socket was shut down on Ctrl-C"
     no_partials(cache)
     assert pkg.file_name not in fetched(cache)
 
