@@ -52,6 +52,7 @@ class FaultServer:
         self.on_stall: Any = None
         self.client_hung_up: bool | None = None
         self.stall_done = threading.Event()
+        self.stalled = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,6 +83,9 @@ class FaultServer:
             self.barrier.wait(10)  # passes only when enough requests are in flight together
         queue = self.faults.get(path, [])
         fault = queue.pop(0) if queue else ""
+        if fault == "404-after-stall":
+            self.stalled.wait(10)
+            fault = "404"
         if fault in ("500", "404"):
             h.send_error(int(fault))
             return
@@ -110,7 +114,9 @@ class FaultServer:
             h.wfile.write(body[start:half])
             h.wfile.flush()
             if fault == "stall":
-                self.on_stall()
+                self.stalled.set()
+                if self.on_stall is not None:
+                    self.on_stall()
                 h.connection.settimeout(60)
                 try:
                     self.client_hung_up = h.connection.recv(1) == b""
@@ -241,6 +247,35 @@ def test_server_slower_than_the_timeout(project: SampleProject, tmp_path: Path,
     assert server.count(pkg) == 4
     assert pkg.file_name not in fetched(config.home / "pkgs")
     no_partials(config.home / "pkgs")
+
+
+def test_one_slow_answer_is_retried(project: SampleProject, tmp_path: Path, lock: LockData,
+                                    packages: list[LockedPackage], server: FaultServer) -> None:
+    pkg = packages[0]
+    server.faults[f"/{pkg.subdir}/{pkg.file_name}"] = ["slow"]
+    cache = tmp_path / "cache"
+    verify_artifacts(packages, sources(http_config(project, tmp_path, server.url), lock), cache,
+                     fetch_timeout=0.3)
+    assert server.count(pkg) == 2
+    assert sha256_file(cache / "downloads" / pkg.file_name) == pkg.sha256
+    no_partials(cache)
+
+
+def test_first_failure_stops_the_others(project: SampleProject, tmp_path: Path, lock: LockData,
+                                        packages: list[LockedPackage],
+                                        server: FaultServer) -> None:
+    """A 404 while another download stalls: the 404 is reported, the stalled one is hung up."""
+    stalled, missing = packages[0], packages[1]
+    server.faults[f"/{stalled.subdir}/{stalled.file_name}"] = ["stall"]
+    server.faults[f"/{missing.subdir}/{missing.file_name}"] = ["404-after-stall"]
+    cache = tmp_path / "cache"
+    with pytest.raises(FetchError, match=f"{missing.file_name}.*HTTP 404"):
+        verify_artifacts(packages, sources(http_config(project, tmp_path, server.url), lock),
+                         cache)
+    assert server.stall_done.wait(60)
+    assert server.client_hung_up
+    assert stalled.file_name not in fetched(cache) and missing.file_name not in fetched(cache)
+    no_partials(cache)
 
 
 def test_wrong_bytes_are_never_promoted(project: SampleProject, tmp_path: Path,
