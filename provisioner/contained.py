@@ -185,3 +185,56 @@ def run_contained(
         stdout=_decode(out), stderr=_decode(err), timed_out=timed_out,
         seconds=time.monotonic() - started, truncated=truncated,
     )
+
+
+_STILL_ACTIVE = 259  # GetExitCodeProcess's code for a process that has not exited
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_ERROR_ACCESS_DENIED = 5
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs, without signalling it (a zombie counts as gone).
+
+    ``os.kill(pid, 0)`` is that question on POSIX, but on Windows ``os.kill``
+    with any signal but the two console events *terminates* the process: there
+    the process is opened for query and its exit code read instead.
+    """
+    if pid <= 0:
+        return False  # 0 and negatives name groups to os.kill, never one process
+    if sys.platform == "win32":
+        return _windows_pid_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; another user's
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs (macOS): os.kill said it exists
+    return state not in ("Z", "X")
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    if sys.platform != "win32":  # also tells mypy the rest is Windows-only
+        raise NotImplementedError("the Windows liveness check runs on Windows only")
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        # Access denied: it exists (a protected or elevated process); anything else: gone.
+        return bool(ctypes.get_last_error() == _ERROR_ACCESS_DENIED)
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True  # opened, so it exists; its code is unreadable
+        # A process that exited with 259 itself reads as running: Windows' own ambiguity.
+        return bool(code.value == _STILL_ACTIVE)
+    finally:
+        kernel32.CloseHandle(handle)

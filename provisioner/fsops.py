@@ -28,6 +28,7 @@ from provisioner.paths import (
     is_junction,
     is_real_dir,
     os_path,
+    read_bytes_retrying,
     to_extended_path,
     tree_size,
 )
@@ -123,7 +124,7 @@ def replace_pointer(path: Path, value: str) -> None:
 def read_pointer(path: Path) -> str | None:
     """The value written by :func:`replace_pointer`, or ``None`` if there is none."""
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        value = read_bytes_retrying(path).decode("utf-8").strip()
     except FileNotFoundError:
         return None
     return value or None

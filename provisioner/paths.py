@@ -12,9 +12,16 @@ import os
 import shutil
 import stat
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path, PurePath, PureWindowsPath
 
 _IS_WINDOWS = sys.platform == "win32"
+#: seconds of sleep a reader spends riding out a sharing violation before giving up
+READ_RETRY_BUDGET_S = 2.0
+# ERROR_ACCESS_DENIED and ERROR_SHARING_VIOLATION: os.replace (or a scanner) holds the file.
+_SHARING_WINERRORS = (5, 32)
+_READ_FIRST_DELAY_S = 0.01
 
 
 def to_extended_path(path: str | PurePath, *, windows: bool | None = None) -> str:
@@ -108,3 +115,33 @@ def free_disk_bytes(path: Path) -> int:
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     return shutil.disk_usage(os_path(probe)).free
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def read_bytes_retrying(path: Path, *, budget: float | None = None,
+                        sleep: Callable[[float], None] | None = None) -> bytes:
+    """The bytes of ``path``, riding out Windows sharing violations for a bounded time.
+
+    Reading a small file (the ``current`` pointer, the state file) while another
+    process replaces it (``os.replace``) fails on Windows with WinError 5 or 32 for a
+    moment. Those are retried with backoff for ``budget`` seconds of sleep in
+    all; then, and for every other error at once, the error propagates (a
+    POSIX ``PermissionError`` has no ``winerror`` and is never retried).
+    """
+    budget = READ_RETRY_BUDGET_S if budget is None else budget
+    sleep = time.sleep if sleep is None else sleep
+    delay, slept = _READ_FIRST_DELAY_S, 0.0
+    while True:
+        try:
+            return _read_file(os.fspath(path))
+        except OSError as exc:
+            if getattr(exc, "winerror", None) not in _SHARING_WINERRORS or slept >= budget - 1e-9:
+                raise
+            wait = min(delay, budget - slept)
+            sleep(wait)
+            slept += wait
+            delay *= 2

@@ -8,12 +8,12 @@ probe asks (``__version__``, ``torch.version.cuda``, ``torch.cuda.is_available()
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from provisioner.contained import pid_alive  # noqa: F401  (re-exported for the tests)
 from provisioner.models.legacy import LEGACY_DIR_PREFIX, VENV_DIR, env_id_for_model
 
 #: What the sample's cu121 keys provide, at versions that satisfy them.
@@ -128,22 +128,6 @@ def script_python(venv: Path, body: str) -> Path:
     python.write_text("#!/bin/sh\n" + body + "\n", encoding="utf-8")
     python.chmod(0o755)
     return python
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state not in ("Z", "X")
 
 
 #: Stub packages of a migratable legacy venv (healthy for the sample's bnb key).

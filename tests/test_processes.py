@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.contained import pid_alive
 from provisioner.errors import ToolMissingError
 from provisioner.processes import ProcResult, run, which
 
@@ -24,18 +26,7 @@ def _py(code: str) -> list[str]:
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie waiting for an absent reaper counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+    return pid_alive(pid)
 
 
 def _wait_dead(pid: int, within: float = 2.0) -> bool:
@@ -297,18 +288,6 @@ def test_run_streaming_kills_the_group_before_an_interrupt_propagates(tmp_path: 
         assert not _alive(pid)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (killed, not yet reaped by init) no longer runs.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
 
 def test_run_streaming_keeps_the_last_stderr_lines() -> None:
     from provisioner.processes import run_streaming
@@ -336,3 +315,35 @@ def test_run_contained_returns_small_output_whole() -> None:
     result = run_contained([sys.executable, "-c", code], timeout=60)
     assert result.ok and result.stdout == "out\n" and result.stderr == "err\n"
     assert not result.truncated
+
+
+def test_pid_alive_sends_nothing_and_sees_a_running_child() -> None:
+    # On Windows os.kill(pid, 0) would terminate the child: here it must still run after.
+    child = subprocess.Popen([PY, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert pid_alive(child.pid)
+        assert pid_alive(child.pid)
+        assert child.poll() is None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        assert child.wait(timeout=30) == 0  # it ran to its own end, not killed
+    assert not pid_alive(child.pid)
+
+
+def test_pid_alive_of_this_process_and_of_no_process() -> None:
+    assert pid_alive(os.getpid())
+    assert not pid_alive(0)
+    assert not pid_alive(-1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zombies are read from /proc")
+def test_a_zombie_is_not_alive() -> None:
+    child = subprocess.Popen([PY, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while pid_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not pid_alive(child.pid)
+    # Not reaped until now: it was a zombie, and os.kill(pid, 0) alone would call it alive.
+    os.kill(child.pid, 0)
+    assert child.wait(timeout=30) == 0

@@ -230,6 +230,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     from provisioner.build.durability import flush_tree
     from provisioner.build.package_cache import prepare as prepare_cache
     from provisioner.build.package_checks import check_packages
+    from provisioner.build.path_budget import check_build_paths
     from provisioner.lock.channels import resolve_channels
     from provisioner.lock.check import check_key, platform_virtual_packages
     from provisioner.lock.reader import read_lockfile
@@ -262,10 +263,11 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
             f"if the channel rebuilt that archive, run 'provisioner lock {plan.key}' to relock "
             "it; otherwise restore the archive or fix the mirror")) from None
     checked = check_packages(artifacts, config.package_limits, layout.package_cache)
-    prepare_cache(checked, layout.package_cache, copy=config.force_copy)
     final = plan.prefix
     stage_name = f"{layout.staging_prefix(plan.key)}{plan.generation}.{secrets.token_hex(3)}"
     target = final if backend.builds_in_place else layout.staging / stage_name
+    check_build_paths(plan.key, [final, target], checked, layout.package_cache)
+    prepare_cache(checked, layout.package_cache, copy=config.force_copy)
     target.mkdir(parents=True)
     fsops.write_marker(target, "env")
     orphans.mark_building(target, f"building {plan.key} generation {plan.generation}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from provisioner.keys import validate_env_key
 from provisioner.lock.platforms import host_platform, is_windows_platform
+from provisioner.paths import read_bytes_retrying
 
 FINGERPRINT_NAME = ".provisioner-fingerprint.json"
 IN_PROGRESS_NAME = ".provisioner-in-progress"
@@ -106,7 +107,7 @@ def read_pointer(layout: HomeLayout, key: str) -> str | None:
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
             return None
-        value = path.read_text(encoding="utf-8").strip()
+        value = read_bytes_retrying(path).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
     return value if is_generation_name(value) else None

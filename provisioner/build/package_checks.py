@@ -37,7 +37,7 @@ from provisioner.build.artifacts import VerifiedArtifact
 from provisioner.config import PackageLimits
 from provisioner.errors import UnsafePackageError
 
-CHECKER_VERSION = 1
+CHECKER_VERSION = 2  # 2: longest_path
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _LINK_SCRIPT_RE = re.compile(r"^(bin|Scripts)/\.[^/]+-(pre-link|post-link|pre-unlink)\.(sh|bat)$")
 _RESERVED_TOP = ("conda-meta", ".provisioner-")
@@ -56,6 +56,7 @@ class PackageSummary:
     paths_json_sha256: str = ""
     links: dict[str, str] = field(default_factory=dict)  # symlink path -> target
     dirs: list[str] = field(default_factory=list)  # parent dirs of every entry
+    longest_path: str = ""  # the longest relative path it creates (Windows MAX_PATH planning)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,8 @@ def _match(pkg: str, entries: list[dict[str, Any]],
         if path in seen:
             raise _refuse(pkg, path, "listed twice in paths.json")
         seen.add(path)
+        if len(path) > len(summary.longest_path):
+            summary.longest_path = path
         if _LINK_SCRIPT_RE.match(path) and limits.link_scripts != "skip":
             raise UnsafePackageError(
                 f"package {pkg} refused: {path!r}: a link script, which provisioner does not run",

@@ -21,6 +21,7 @@ from provisioner.config import Config
 from provisioner.errors import LockfileError
 from provisioner.keys import validate_env_key
 from provisioner.lock.check import lockfile_path
+from provisioner.lock.eol import read_lf_bytes
 from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lock_header
 
@@ -70,7 +71,8 @@ def locked_hash(config: Config, key: str, platform: str) -> str:
     that keeps preferred versions) changes the packages under the same content
     hash, and an env built from the old packages must not be reused for it. The
     file's bytes are hashed whole, without parsing its packages, to keep reuse
-    fast: any edit of the lock builds a new generation.
+    fast: any edit of the lock builds a new generation. They are hashed as LF
+    text, so a CRLF checkout of the same lock reuses the same generation.
     """
     path = lockfile_path(config.locks_dir, key)
     hashes = read_lock_header(path).get("content_hash")
@@ -81,7 +83,7 @@ def locked_hash(config: Config, key: str, platform: str) -> str:
         )
     digest = hashlib.sha256(f"{platform}\n{hashes[platform]}\n".encode())
     try:
-        digest.update(path.read_bytes())
+        digest.update(read_lf_bytes(path))
     except OSError as exc:
         raise LockfileError(f"cannot read {path.name}: {exc.strerror}") from None
     return digest.hexdigest()

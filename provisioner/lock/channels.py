@@ -11,15 +11,17 @@ that names it, never a silent fallback to the live channel.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
 
 from provisioner.config import Config
-from provisioner.errors import SpecError
+from provisioner.errors import SpecError, UserError
 
 CANONICAL_BASE = "https://conda.anaconda.org"
+_DRIVE_URL_PATH = re.compile(r"^/[A-Za-z][:|](/|$)")
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,45 @@ def canonical_channel_url(name: str) -> str:
     return f"{CANONICAL_BASE}/{name.strip('/')}"
 
 
-def path_to_file_url(path: Path) -> str:
-    """A ``file://`` URL for a local directory (absolute, no trailing slash)."""
-    return path.absolute().as_uri().rstrip("/")
+def path_to_file_url(path: PurePath) -> str:
+    """A ``file://`` URL for a local directory (absolute, no trailing slash).
+
+    Windows spellings: ``C:\\x`` -> ``file:///C:/x``, a UNC share
+    ``\\\\server\\share\\x`` -> ``file://server/share/x`` (the server is the URL's host).
+    """
+    if isinstance(path, Path):
+        path = path.absolute()
+    return path.as_uri().rstrip("/")
+
+
+def file_url_to_pure_path(url: str, *, windows: bool) -> PurePath:
+    """The path of a ``file://`` URL under Windows (``windows``) or POSIX path rules.
+
+    The inverse of :func:`path_to_file_url`: ``file://server/share/x`` is the UNC
+    path ``\\\\server\\share\\x`` on Windows (its host is the server, not dropped);
+    ``file:///C:/x`` is ``C:\\x``. On POSIX a URL naming another host is no local
+    path, and saying so beats reading ``/share/x`` on this machine.
+    """
+    parsed = urlparse(url)
+    host = "" if parsed.netloc.lower() == "localhost" else parsed.netloc
+    path = unquote(parsed.path)
+    if windows:
+        if host:
+            return PureWindowsPath(f"//{host}{path}")
+        if _DRIVE_URL_PATH.match(path):  # /C:/x or the old /C|/x
+            path = f"{path[1]}:{path[3:] or '/'}"
+        return PureWindowsPath(path)
+    if host:
+        raise UserError(
+            f"file URL {url} names the host {host!r}: not a path on this machine",
+            hint="mount the share and use file:///<mount point>, or a path in provisioner.toml",
+        )
+    return PurePosixPath(path)
 
 
 def file_url_to_path(url: str) -> Path:
-    """The local path of a ``file://`` URL."""
-    parsed = urlparse(url)
-    return Path(url2pathname(unquote(parsed.path)))
+    """The local path of a ``file://`` URL (UNC shares kept on Windows)."""
+    return Path(str(file_url_to_pure_path(url, windows=os.name == "nt")))
 
 
 def resolve_channels(channels: tuple[str, ...] | list[str], config: Config) -> list[ChannelSource]:

@@ -38,6 +38,7 @@ from provisioner.errors import ProvisionerError, UserError
 from provisioner.keys import validate_env_key
 from provisioner.lock.body_check import lock_body_problems
 from provisioner.lock.cuda_need import VIRTUAL_PACKAGES_FIELD
+from provisioner.lock.eol import lf_bytes
 from provisioner.lock.lockfile import lockfile_path
 from provisioner.lock.platforms import VirtualPackages, virtual_packages_for
 from provisioner.lock.reader import read_lock_header
@@ -84,10 +85,13 @@ def render_virtual_packages(vps: VirtualPackages) -> str:
 
 
 def conda_lock_seal(spec_bytes: bytes, hashes: dict[str, str]) -> str:
-    """The seal of conda-lock's ``content_hash`` values over the spec they came from."""
+    """The seal of conda-lock's ``content_hash`` values over the spec they came from.
+
+    The spec is sealed as LF text: a CRLF checkout of the same spec keeps the seal.
+    """
     from importlib.metadata import version
 
-    blob = json.dumps({"spec_sha256": hashlib.sha256(spec_bytes).hexdigest(),
+    blob = json.dumps({"spec_sha256": hashlib.sha256(lf_bytes(spec_bytes)).hexdigest(),
                        "conda_lock": version("conda-lock"), "content_hash": hashes},
                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -26,6 +26,7 @@ from provisioner.lock.check import (
     lockfile_path,
     platform_virtual_packages,
 )
+from provisioner.lock.eol import lf_bytes, read_lf_bytes
 from provisioner.lock.lockfile import LockData, LockedPackage
 from provisioner.lock.pip_layer import lock_pip_layer
 from provisioner.lock.refresh import ChangedArchive, changed_archives
@@ -228,7 +229,8 @@ def lock_envs(
     outcomes = []
     for spec, lock_path, old, data, rendered, refreshed in solved:
         config.locks_dir.mkdir(parents=True, exist_ok=True)
-        changed = not lock_path.is_file() or lock_path.read_bytes() != rendered
+        # Compared as LF text: a CRLF checkout of the same lock is not rewritten.
+        changed = not lock_path.is_file() or read_lf_bytes(lock_path) != lf_bytes(rendered)
         if changed:
             fsops.atomic_write_bytes(lock_path, rendered)
         outcomes.append(

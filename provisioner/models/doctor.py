@@ -5,48 +5,21 @@ from __future__ import annotations
 import os
 import platform as pyplatform
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner import __version__, fsops, processes
+from provisioner.build.path_budget import (  # noqa: F401  (re-exported: doctor reports it)
+    LONG_PATHS_KEY,
+    LONG_PATHS_VALUE,
+    long_paths_enabled,
+)
 from provisioner.config import Config
 from provisioner.models.inventory import PlainRecord
 from provisioner.models.legacy import discover_legacy
 from provisioner.models.migrate import human_bytes
 
-LONG_PATHS_KEY = r"SYSTEM\CurrentControlSet\Control\FileSystem"
-LONG_PATHS_VALUE = "LongPathsEnabled"
 LOW_DISK_BYTES = 10 * 1024**3
-
-
-def _winreg_reader(subkey: str, name: str) -> object:
-    if sys.platform != "win32":
-        raise OSError("the Windows registry exists only on Windows")
-    import winreg
-
-    with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, subkey) as handle:
-        value, _kind = winreg.QueryValueEx(handle, name)
-    return value
-
-
-def long_paths_enabled(reader: Callable[[str, str], object] | None = None) -> bool | None:
-    """Whether Windows' ``LongPathsEnabled`` is 1; ``None`` off Windows or when unreadable.
-
-    ``reader(subkey, value_name)`` reads one HKLM value (raising
-    ``FileNotFoundError`` when it is absent); tests pass a fake.
-    """
-    if reader is None:
-        if sys.platform != "win32":
-            return None
-        reader = _winreg_reader
-    try:
-        value = reader(LONG_PATHS_KEY, LONG_PATHS_VALUE)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
-    return isinstance(value, int) and value == 1
 
 
 @dataclass(frozen=True)

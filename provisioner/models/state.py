@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from provisioner.paths import read_bytes_retrying
+
 log = logging.getLogger(__name__)
 STATE_SCHEMA = 1
 #: seconds a save waits for another process's save before giving up (the change is kept)
@@ -78,7 +80,7 @@ class StateFile:
 
     def _load(self) -> dict[str, Any]:
         try:
-            raw = self.path.read_bytes()
+            raw = read_bytes_retrying(self.path)
         except FileNotFoundError:
             return _empty()
         except OSError as exc:
@@ -116,7 +118,7 @@ class StateFile:
         from provisioner import fsops
 
         try:
-            raw: bytes | None = self.path.read_bytes()
+            raw: bytes | None = read_bytes_retrying(self.path)
         except FileNotFoundError:
             raw = None
         fresh, verdict = self._parse(raw) if raw is not None else (_empty(), "ok")

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from provisioner.build.layout import HomeLayout
 from provisioner.build.leases import acquire_lease, exclusive_lease, lease
 from provisioner.build.maintenance import collect_garbage
 from provisioner.config import Config, load_config
+from provisioner.contained import pid_alive
 from provisioner.errors import ResolutionError
 from provisioner.lock.spec import spec_path
 from provisioner.lock.write import lock_envs
@@ -120,12 +122,8 @@ def test_the_lease_outlives_a_killed_provisioner_run_while_its_command_runs(
     run.stdin.write("go\n")
     run.stdin.close()  # the orphaned command reads its line and exits
     for _ in range(3000):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
+        if not pid_alive(child):
             break
-        import time
-
         time.sleep(0.01)
     removed, _why = gc_kept_reasons(own_config, keep=0)
     assert removed == [first]

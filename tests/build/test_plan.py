@@ -212,3 +212,15 @@ def test_plan_with_replaced_home_is_independent(config: Config, tmp_path: Path) 
     a, b = make_plan(config, CPU), make_plan(other, CPU)
     assert a.generation == b.generation
     assert a.prefix != b.prefix and b.prefix.is_relative_to(tmp_path / "elsewhere")
+
+
+def test_lock_hash_is_the_same_for_a_crlf_checkout(project: SampleProject,
+                                                   tmp_path: Path) -> None:
+    # Git on Windows checks out CRLF: the same lock must not build a new generation.
+    config = copy_project(project, tmp_path)
+    lockfile = config.locks_dir / f"{CPU}.conda-lock.yml"
+    before = locked_hash(config, CPU, "linux-64")
+    raw = lockfile.read_bytes()
+    assert b"\r\n" not in raw
+    lockfile.write_bytes(raw.replace(b"\n", b"\r\n"))
+    assert locked_hash(config, CPU, "linux-64") == before

@@ -1,4 +1,7 @@
-"""Channel roots are strict: every channel resolves under the root, or the command names it."""
+"""Channel roots are strict: every channel resolves under the root, or the command names it.
+
+And ``file://`` URLs convert to local paths and back under Windows (UNC, drives) and POSIX rules.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,18 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
 from provisioner.config import load_config
-from provisioner.errors import SpecError
-from provisioner.lock.channels import path_to_file_url, resolve_channels
+from provisioner.errors import SpecError, UserError
+from provisioner.lock.channels import (
+    file_url_to_path,
+    file_url_to_pure_path,
+    path_to_file_url,
+    resolve_channels,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISIONER = Path(sysconfig.get_path("scripts")) / (
@@ -75,3 +83,73 @@ def test_lock_with_a_root_lacking_a_channel_fails_offline(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stdout
     assert "channel 'nvidia' has no directory under the channel root" in result.stderr
     assert {p.name: p.read_bytes() for p in (project / "lockfiles").iterdir()} == before
+
+
+WINDOWS_CASES = [
+    (r"\\server\share\mirror\conda-forge", "file://server/share/mirror/conda-forge"),
+    (r"\\server\share", "file://server/share"),
+    (r"\\srv.example\pkgs$\my channel", "file://srv.example/pkgs%24/my%20channel"),
+    (r"C:\mirror\conda-forge", "file:///C:/mirror/conda-forge"),
+    (r"D:\a b\#c", "file:///D:/a%20b/%23c"),
+]
+
+
+@pytest.mark.parametrize(("path", "url"), WINDOWS_CASES)
+def test_windows_paths_round_trip(path: str, url: str) -> None:
+    assert path_to_file_url(PureWindowsPath(path)) == url
+    back = file_url_to_pure_path(url, windows=True)
+    assert isinstance(back, PureWindowsPath)
+    assert back == PureWindowsPath(path)
+    assert str(back).rstrip("\\") == path  # a share's root is spelled \\server\share\
+
+
+def test_a_unc_url_keeps_its_server_on_windows() -> None:
+    # The old conversion read only the URL's path: \share\... on the current drive.
+    back = file_url_to_pure_path("file://server/share/x/noarch/a.conda", windows=True)
+    assert back.drive == r"\\server\share"
+    assert back.anchor == "\\\\server\\share\\"
+    assert str(back) == r"\\server\share\x\noarch\a.conda"
+
+
+@pytest.mark.parametrize("url", ["file:////server/share/x", "file://SERVER/share/x"])
+def test_other_unc_spellings(url: str) -> None:
+    back = file_url_to_pure_path(url, windows=True)
+    assert back.drive.lower() == r"\\server\share"
+    assert back.name == "x"
+
+
+@pytest.mark.parametrize(("url", "path"), [
+    ("file:///C|/x", r"C:\x"),  # the old spelling of a drive
+    ("file:///C:", "C:\\"),
+    ("file://localhost/C:/x", r"C:\x"),
+])
+def test_drive_spellings(url: str, path: str) -> None:
+    back = file_url_to_pure_path(url, windows=True)
+    assert str(back) == path
+    assert back.is_absolute()
+
+
+@pytest.mark.parametrize(("path", "url"), [
+    ("/srv/mirror/conda-forge", "file:///srv/mirror/conda-forge"),
+    ("/a b/#c%", "file:///a%20b/%23c%25"),
+])
+def test_posix_paths_round_trip(path: str, url: str) -> None:
+    assert path_to_file_url(PurePosixPath(path)) == url
+    assert file_url_to_pure_path(url, windows=False) == PurePosixPath(path)
+    assert file_url_to_pure_path(url.replace("file://", "file://localhost"),
+                                 windows=False) == PurePosixPath(path)
+
+
+def test_a_url_naming_another_host_is_no_posix_path() -> None:
+    with pytest.raises(UserError, match="names the host 'server'") as info:
+        file_url_to_pure_path("file://server/share/x", windows=False)
+    assert info.value.hint
+
+
+def test_local_round_trip_on_this_machine(tmp_path: Path) -> None:
+    target = tmp_path / "mirror dir" / "conda-forge"
+    target.mkdir(parents=True)
+    url = path_to_file_url(target)
+    assert not url.endswith("/")
+    assert file_url_to_path(url) == target
+    assert file_url_to_path(url + "/noarch/x.conda") == target / "noarch" / "x.conda"
