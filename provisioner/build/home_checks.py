@@ -230,6 +230,9 @@ def environment_problem(exc: BaseException, home: Path,
     free space. Anything else gives ``None``: it stays what it was.
     """
     if isinstance(exc, OSError):
+        if exc.filename is None and exc.errno is not None:
+            # Some writes (a lock file, a temp file) fail without naming a path: name the home.
+            exc = OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(home))
         return environment_error(exc, doing)
     seen: list[BaseException] = []
     current: BaseException | None = exc

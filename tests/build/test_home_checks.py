@@ -284,7 +284,8 @@ def test_a_full_disk_leaves_the_working_env_serving(config: Config, tmp_path: Pa
     rc, stderr, tree, resolve_rc = _in_tmpfs(config, tmp_path, size="100m",
                                              key="sample-cu121-transformers", prebuild=True)
     assert rc == EXIT_USER_ERROR, stderr
-    assert "the build needs " in stderr or "No space left on device" in stderr, stderr
+    assert "the build needs " in stderr or "No space left on device at " in stderr, stderr
+    assert str(tmp_path / "mnt" / "home") in stderr, "the error names where space is needed"
     assert tree["staging"] == []
     envs = tree["envs"]
     assert isinstance(envs, dict) and envs.get("sample-cu121-transformers") in (None, [])
