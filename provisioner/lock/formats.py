@@ -30,7 +30,8 @@ def read_any_lock(target: Path) -> LockData:
         name, _sep, environment = target.name.partition("#")
         path = target.with_name(name)
     if not path.is_file():
-        raise LockfileError(f"lockfile {path} does not exist")
+        raise LockfileError(f"lockfile {path} does not exist",
+                            hint="pass the path of a conda-lock, pixi.lock or @EXPLICIT file")
     head = _head(path)
     if _is_explicit(head):
         if environment is not None:

@@ -29,7 +29,10 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise LockfileError(f"lockfile {path.name} does not exist") from None
+        raise LockfileError(
+            f"lockfile {path.name} does not exist",
+            hint="lock the key first (provisioner lock KEY), or check the key's spelling "
+                 "against environment-specs/") from None
     except IsADirectoryError:
         raise LockfileError(f"lockfile {path.name} is a directory, not a file") from None
 

@@ -71,6 +71,7 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], dict[str, str], int, s
     "imports entry the env lacks": (lambda p: (_set_imports(p, ["no_such_module"]), _relock(p))[0],
                                     ["ensure", CPU], {}, 2, "no_such_module"),
     "sha mismatch": (_corrupt_archive, ["ensure", CPU], {}, 2, "sha256 mismatch"),
+    "key with no lock": (_nothing, ["ensure", "no-such-key"], {}, 2, "provisioner lock KEY"),
     "lockfile is a directory": (lambda p: (_lock(p).unlink(), _lock(p).mkdir())[0],
                                 ["ensure", CPU], {}, 2, "is a directory"),
     "home under /proc": (_nothing, ["--home", "/proc/x/home", "ensure", CPU], {}, 2,
