@@ -16,11 +16,13 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from provisioner import fsops, processes
-from provisioner.build.artifacts import VerifiedArtifact
 from provisioner.errors import BuildError, ToolMissingError, UserError
+
+if TYPE_CHECKING:  # fetching (urllib, threads) loads only when a build runs
+    from provisioner.build.artifacts import VerifiedArtifact
 
 BACKENDS = ("rattler", "micromamba", "mamba", "conda")
 EXECUTABLE_TIMEOUT_S = 3600.0

@@ -47,7 +47,6 @@ from provisioner.build.home_checks import (
 from provisioner.build.interrupts import interruptible
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
-from provisioner.build.package_cache import clean_partial_entries
 from provisioner.build.plan import EnsurePlan, make_plan
 from provisioner.config import Config
 from provisioner.errors import (
@@ -180,6 +179,8 @@ def _ensure(config: Config, key: str, options: EnsureOptions | None) -> EnsureRe
             try:
                 return _build(config, layout, plan, opts, start, waited)
             except KeyboardInterrupt:  # SIGINT, or SIGTERM (Interrupted); the installer is gone
+                from provisioner.build.package_cache import clean_partial_entries
+
                 with contextlib.suppress(ProvisionerError, OSError):
                     clean_partial_entries(layout.package_cache)
                 raise

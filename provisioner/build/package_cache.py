@@ -25,10 +25,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from provisioner import fsops
-from provisioner.build.package_checks import CheckedPackage
 from provisioner.errors import UserError
+
+if TYPE_CHECKING:  # the checks (tarfile, bz2, zstd) load only when a build runs
+    from provisioner.build.package_checks import CheckedPackage
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".provisioner-cache.lock"
