@@ -115,7 +115,6 @@ def _written_for_env(prefix: Path) -> set[str]:
     return paths
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 def test_copy_promotion_shares_the_cache_and_adds_only_its_own_bytes(
         project: SampleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "12.1")

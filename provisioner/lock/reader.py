@@ -33,7 +33,9 @@ def _read_bytes(path: Path) -> bytes:
             f"lockfile {path.name} does not exist",
             hint="lock the key first (provisioner lock KEY), or check the key's spelling "
                  "against environment-specs/") from None
-    except IsADirectoryError:
+    except OSError:
+        if not path.is_dir():  # Windows opens no directory: PermissionError, not IsADirectory
+            raise
         raise LockfileError(f"lockfile {path.name} is a directory, not a file") from None
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -286,7 +285,6 @@ def test_failed_download_leaves_no_partial_file(project: SampleProject, tmp_path
     assert pkg.file_name not in {p.name for p in left}
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 def test_ensure_from_an_http_channel(project: SampleProject, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch,
                                      served: tuple[_Server, Path]) -> None:

@@ -15,11 +15,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
+from winsupport import fake_executable
 
 from provisioner.build.artifacts import VerifiedArtifact, verify_artifacts
 from provisioner.build.backends import (
@@ -40,8 +42,6 @@ from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 
-unix_only = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
-
 CPU = "sample-cpu-transformers"
 CU_PLAIN = "sample-cu121-transformers"
 
@@ -54,7 +54,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 NAME = "@NAME@"
 args = sys.argv[1:]
@@ -112,7 +113,7 @@ for line in urls:
     url, _sep, digest = line.partition("#")
     if not url.startswith("file://"):
         usage("offline mode cannot fetch " + url)
-    archive = Path(unquote(urlparse(url).path))
+    archive = Path(url2pathname(urlparse(url).path))  # /C:/... is C:\\... on Windows
     data = archive.read_bytes()
     algo = hashlib.md5 if len(digest) == 32 else hashlib.sha256
     if algo(data).hexdigest() != digest:
@@ -127,7 +128,7 @@ for line in urls:
             content = tar.extractfile(member).read()
             rel = entry["_path"]
             if index.get("noarch") == "python" and rel.startswith("site-packages/"):
-                rel = "lib/python" + python_xy + "/" + rel
+                rel = ("Lib/" if os.name == "nt" else "lib/python" + python_xy + "/") + rel
             if entry.get("prefix_placeholder"):
                 content = content.replace(entry["prefix_placeholder"].encode(), written.encode())
             out = prefix / rel
@@ -143,6 +144,11 @@ for line in urls:
                 paths_data={"paths_version": 1, "paths": records})
     stem = index["name"] + "-" + index["version"] + "-" + index["build"]
     (prefix / "conda-meta" / (stem + ".json")).write_text(json.dumps(meta), encoding="utf-8")
+# Like conda's entry-point scripts: a generated file that names the prefix it was written for
+# (the prefix placeholders of the sample's Windows packages are none).
+entry = prefix / ("Scripts" if os.name == "nt" else "bin") / "fake-entry-point"
+entry.parent.mkdir(parents=True, exist_ok=True)
+entry.write_text("#!" + os.path.join(written, "python") + "\n", encoding="utf-8")
 # Like micromamba, log the command line (staging path included) in the history.
 (prefix / "conda-meta" / "history").write_text("# cmd: " + " ".join(sys.argv) + "\n",
                                                encoding="utf-8")
@@ -151,12 +157,8 @@ print("Transaction finished")
 
 
 def write_fake_tool(directory: Path, name: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    exe = directory / name
-    exe.write_text(f"#!{sys.executable}\n" + _FAKE_TOOL.replace("@NAME@", name),
-                   encoding="utf-8")
-    exe.chmod(0o755)
-    return exe
+    """The fake ``name``: a ``#!`` script, or on Windows ``name.bat`` running ``name.py``."""
+    return fake_executable(directory, name, _FAKE_TOOL.replace("@NAME@", name))
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +275,8 @@ def test_executable_found_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PATH", str(exe.parent))
     choice = choose_backend("mamba", None, "linux-64", environ={})
     assert isinstance(choice.backend, ExecutableBackend)
-    assert choice.backend.executable == str(exe)
+    # Windows: found through PATHEXT, whose spelling of the extension (.BAT) may win
+    assert os.path.normcase(choice.backend.executable) == os.path.normcase(str(exe))
     assert choice.backend.version() == "mamba 1.5.8"
 
 
@@ -311,7 +314,7 @@ def test_render_explicit(project: SampleProject, tmp_path: Path) -> None:
     for line, art in zip(lines[2:], artifacts, strict=True):
         url, _sep, digest = line.partition("#")
         assert url == art.path.as_uri() and url.startswith("file://")
-        assert Path(url.removeprefix("file://")).parent.parent == channel
+        assert Path(url2pathname(urlparse(url).path)).parent.parent == channel
         assert digest == art.package.md5  # md5 when the lock has one, as conda expects
     no_md5 = dataclasses.replace(artifacts[0].package, md5=None)
     line = render_explicit([VerifiedArtifact(no_md5, artifacts[0].path)], "win-64").splitlines()
@@ -338,7 +341,6 @@ class CountingProgress:
         self.finished += 1
 
 
-@unix_only
 def test_rattler_reports_progress(project: SampleProject, tmp_path: Path) -> None:
     progress = CountingProgress()
     result = ensure(config_for(project, tmp_path), CPU, EnsureOptions(progress=progress))
@@ -353,7 +355,6 @@ def test_rattler_reports_progress(project: SampleProject, tmp_path: Path) -> Non
 # --- executable backends against the fake tool ---------------------------------------------------
 
 
-@unix_only
 @pytest.mark.parametrize("name", ["micromamba", "mamba"])
 def test_relocating_tool_builds_in_staging(project: SampleProject, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch, fake_log: Path,
@@ -386,7 +387,6 @@ def test_relocating_tool_builds_in_staging(project: SampleProject, tmp_path: Pat
     assert Path(import_torch(result.python)).is_relative_to(result.prefix)
 
 
-@unix_only
 def test_tool_that_does_not_relocate_is_caught(project: SampleProject, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     exe = write_fake_tool(tmp_path / "bin", "micromamba")
@@ -400,7 +400,6 @@ def test_tool_that_does_not_relocate_is_caught(project: SampleProject, tmp_path:
     assert not layout.key_dir(CPU).exists()
 
 
-@unix_only
 def test_failing_tool_reports_exit_and_cleans_up(project: SampleProject, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     exe = write_fake_tool(tmp_path / "bin", "micromamba")
@@ -415,7 +414,6 @@ def test_failing_tool_reports_exit_and_cleans_up(project: SampleProject, tmp_pat
     assert not list(layout.package_cache.glob("explicit-*"))
 
 
-@unix_only
 def test_conda_builds_in_place_behind_the_marker(project: SampleProject, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  fake_log: Path) -> None:
@@ -438,7 +436,6 @@ def test_conda_builds_in_place_behind_the_marker(project: SampleProject, tmp_pat
     assert ensure(config, CPU).action == "reuse"
 
 
-@unix_only
 def test_failed_in_place_build_is_discarded(project: SampleProject, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     exe = write_fake_tool(tmp_path / "bin", "conda")
@@ -453,7 +450,6 @@ def test_failed_in_place_build_is_discarded(project: SampleProject, tmp_path: Pa
     assert not layout.trash.exists() or not any(layout.trash.iterdir())
 
 
-@unix_only
 def test_threads_building_two_keys_with_a_tool(project: SampleProject, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Each build hands the tool its own explicit file, even from threads of one process."""
@@ -487,7 +483,6 @@ def test_threads_building_two_keys_with_a_tool(project: SampleProject, tmp_path:
 # --- real tools, where installed -----------------------------------------------------------------
 
 
-@unix_only
 @pytest.mark.parametrize("name", [
     pytest.param(tool, marks=pytest.mark.skipif(
         shutil.which(tool) is None,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from winsupport import IS_WINDOWS, SELF_KILLED_RC, SITE_GLOB
 
 from provisioner import fsops
 from provisioner.build import key_lock as keylock
@@ -30,7 +31,7 @@ from provisioner.build.fingerprint import (
     mark_in_progress,
     read_fingerprint,
 )
-from provisioner.build.layout import HomeLayout, read_pointer
+from provisioner.build.layout import HomeLayout, python_path, read_pointer
 from provisioner.build.plan import make_plan
 from provisioner.config import Config, load_config
 from provisioner.errors import (
@@ -44,8 +45,6 @@ from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lock_header, read_lockfile
 from provisioner.lock.write import lock_envs
 from provisioner.sample.project import SampleProject, create_sample_project
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CU = "sample-cu121-transformers-bnb"
 CU_PLAIN = "sample-cu121-transformers"
@@ -124,7 +123,7 @@ def run_cli(args: list[str], **extra_env: str) -> subprocess.CompletedProcess[st
 def replace_in_file(path: Path, old: str, new: str) -> None:
     text = path.read_text(encoding="utf-8")
     assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in {path.name}"
-    path.write_text(text.replace(old, new), encoding="utf-8")
+    path.write_text(text.replace(old, new), encoding="utf-8", newline="\n")
 
 
 # --- build and reuse -----------------------------------------------------------------------------
@@ -136,8 +135,8 @@ def test_ensure_builds_then_reuses_within_budget(project: SampleProject, tmp_pat
     result = ensure(config, CU)
     assert result.action == "build"
     assert result.backend == "rattler"
-    assert result.python == home / "envs" / CU / result.generation / "bin" / "python"
-    assert result.prefix == result.python.parent.parent
+    assert result.prefix == home / "envs" / CU / result.generation
+    assert result.python == python_path(result.prefix)  # bin/python, or python.exe
     assert result.python.is_file()
     assert read_pointer(HomeLayout(home), CU) == result.generation
     fp = read_fingerprint(result.prefix)
@@ -175,7 +174,7 @@ def test_cli_prints_python_and_json(project: SampleProject, tmp_path: Path) -> N
     assert isinstance(data["seconds"], float) and data["seconds"] > 0
     gen = data["generation"]
     assert data["prefix"] == str(home / "envs" / CU_PLAIN / gen)
-    assert data["python"] == str(home / "envs" / CU_PLAIN / gen / "bin" / "python")
+    assert data["python"] == str(python_path(home / "envs" / CU_PLAIN / gen))
     assert Path(data["python"]).is_file()
 
     plain = run_cli(["--home", str(home), "ensure", CU_PLAIN, "--project", str(project.path)],
@@ -205,19 +204,19 @@ def test_promoted_env_names_no_staging_path(project: SampleProject, tmp_path: Pa
     layout = HomeLayout(config.home)
     result = ensure(config, CU)
     assert find_staging_path(result.prefix, str(layout.staging), trust_hardlinks=False) == []
-    launcher = result.python.read_text(encoding="utf-8")
-    assert str(result.prefix) in launcher and "/opt/anaconda1anaconda2" not in launcher
+    if not IS_WINDOWS:  # the POSIX launcher is patched with the prefix; python.exe is not
+        launcher = result.python.read_text(encoding="utf-8")
+        assert str(result.prefix) in launcher and "/opt/anaconda1anaconda2" not in launcher
     torch_file = run_python(result.python, "import torch; print(torch.__file__)")
     assert Path(torch_file).is_relative_to(result.prefix)
     assert staging_entries(layout) == []
     # Promoted by rename: the env's files are still the package cache's hardlinks.
-    cache_file = next(layout.package_cache.glob("pytorch-*/lib/python*/site-packages/torch/"
-                                                "__init__.py"))
+    cache_file = next(layout.package_cache.glob(f"pytorch-*/{SITE_GLOB}/torch/__init__.py"))
     assert os.stat(_torch_init(result.prefix)).st_ino == os.stat(cache_file).st_ino
 
 
 def _torch_init(prefix: Path) -> Path:
-    return next(prefix.glob("lib/python*/site-packages/torch/__init__.py"))
+    return next(prefix.glob(f"{SITE_GLOB}/torch/__init__.py"))
 
 
 def test_force_copy_promotes_by_copy(project: SampleProject, tmp_path: Path,
@@ -238,8 +237,7 @@ def test_force_copy_promotes_by_copy(project: SampleProject, tmp_path: Path,
     assert len(copies) == 1 and copies[0][1] == result.prefix
     assert copies[0][0].parent == layout.staging
     # The copy keeps rattler's hardlinks to the package cache (same filesystem here).
-    cache_file = next(layout.package_cache.glob("pytorch-*/lib/python*/site-packages/torch/"
-                                                "__init__.py"))
+    cache_file = next(layout.package_cache.glob(f"pytorch-*/{SITE_GLOB}/torch/__init__.py"))
     assert os.stat(_torch_init(result.prefix)).st_ino == os.stat(cache_file).st_ino
     assert run_python(result.python, "import torch, transformers; print(torch.__version__)") \
         == "2.2.1"
@@ -283,7 +281,7 @@ def test_rebuild_keeps_old_generation_and_revert_reuses_it(project: SampleProjec
     layout = HomeLayout(config.home)
     spec = root / "environment-specs" / f"{CPU}.yml"
     lockfile = root / "lockfiles" / f"{CPU}.conda-lock.yml"
-    spec_text, lock_text = spec.read_text(), lockfile.read_text()
+    spec_bytes, lock_bytes = spec.read_bytes(), lockfile.read_bytes()
 
     first = ensure(config, CPU)
     old_fp_mtime = fingerprint_path(first.prefix).stat().st_mtime_ns
@@ -305,8 +303,8 @@ def test_rebuild_keeps_old_generation_and_revert_reuses_it(project: SampleProjec
                  if p.name not in ("current", first.generation, second.generation)]
     assert leftovers == []
 
-    spec.write_text(spec_text)
-    lockfile.write_text(lock_text)
+    spec.write_bytes(spec_bytes)
+    lockfile.write_bytes(lock_bytes)
     plan = make_plan(config, CPU)
     assert plan.action == "reuse" and plan.generation == first.generation
     assert "becomes the active one" in plan.reason
@@ -325,13 +323,13 @@ def test_relock_with_same_spec_but_other_packages_is_not_reused(project: SampleP
     config = config_for(root, tmp_path)
     spec = root / "environment-specs" / f"{CPU}.yml"
     lockfile = root / "lockfiles" / f"{CPU}.conda-lock.yml"
-    spec_text = spec.read_text()
+    spec_bytes = spec.read_bytes()
     original_hash = read_lock_header(lockfile)["content_hash"]
 
     first = ensure(config, CPU)
     replace_in_file(spec, "\n- transformers\n", "\n- transformers=4.36.2\n")
     lock_envs(config, [CPU])
-    spec.write_text(spec_text)
+    spec.write_bytes(spec_bytes)
     lock_envs(config, [CPU])  # unpinned again, but the solver keeps the locked 4.36.2
     assert read_lock_header(lockfile)["content_hash"] == original_hash
     locked = {p.name: p.version
@@ -398,7 +396,7 @@ def test_killed_build_is_recovered(project: SampleProject, tmp_path: Path, fault
     home = tmp_path / "home"
     killed = run_cli(["--home", str(home), "ensure", CPU, "--project", str(project.path)],
                      PROVISIONER_TEST_FAULT=fault)
-    assert killed.returncode == -9
+    assert killed.returncode == SELF_KILLED_RC
     config = config_for(project.path, tmp_path)
     layout = HomeLayout(home)
     assert read_pointer(layout, CPU) is None
@@ -433,7 +431,7 @@ def test_failed_import_check_leaves_nothing(project: SampleProject, tmp_path: Pa
 def test_wrong_sha256_in_lock_is_refused(project: SampleProject, tmp_path: Path) -> None:
     root = copy_project(project, tmp_path)
     lockfile = root / "lockfiles" / f"{CPU}.conda-lock.yml"
-    good = lockfile.read_text()
+    good = lockfile.read_bytes()
     pkg = next(p for p in read_lockfile(lockfile).for_platform(host_platform(), "conda")
                if p.name == "pytorch")
     assert pkg.sha256 is not None
@@ -451,7 +449,7 @@ def test_wrong_sha256_in_lock_is_refused(project: SampleProject, tmp_path: Path)
     assert read_pointer(layout, CPU) is None
     assert staging_entries(layout) == []
 
-    lockfile.write_text(good)
+    lockfile.write_bytes(good)
     result = ensure(config, CPU)
     assert result.action == "build"
     assert run_python(result.python, "import torch; print(torch.__version__)") == "2.2.1"
@@ -736,7 +734,7 @@ def test_pip_layer_is_installed_with_uv_from_local_wheels(
     # numpy (required by the wheel) comes from conda; the pip layer installed only tinywheel.
     assert run_python(result.python, "import tinywheel, numpy; print(tinywheel.__version__)") \
         == "1.0"
-    site = next(result.prefix.glob("lib/python*/site-packages"))
+    site = next(result.prefix.glob(SITE_GLOB))
     installers = {d.name.split("-")[0]: (d / "INSTALLER").read_text().strip()
                   for d in site.glob("*.dist-info") if (d / "INSTALLER").is_file()}
     assert [name for name, by in installers.items() if by == "uv"] == ["tinywheel"]
@@ -754,7 +752,7 @@ def test_pip_layer_hash_mismatch_fails_the_build_before_promotion(
     [entry] = read_lockfile(lock_path).for_platform(host_platform(), "pip")
     assert entry.sha256
     text = lock_path.read_text(encoding="utf-8")
-    lock_path.write_text(text.replace(entry.sha256, "f" * 64), encoding="utf-8")
+    lock_path.write_text(text.replace(entry.sha256, "f" * 64), encoding="utf-8", newline="\n")
     config = config_for(dest, tmp_path)
     with pytest.raises(PipLayerError, match="could not install the pip layer"):
         ensure(config, CPU)

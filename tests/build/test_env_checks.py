@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from winsupport import IS_WINDOWS, fake_executable, needs_symlinks
 
 from provisioner.build.ensure import EnsureResult, ensure
 from provisioner.build.env_checks import (
@@ -23,7 +23,6 @@ from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 
 
@@ -113,8 +112,8 @@ def test_files_detect_a_deleted_and_an_altered_file(own_env: EnsureResult) -> No
 
     quick = check_files(own_env.prefix)
     assert not quick.ok
-    rel_deleted = str(deleted.relative_to(own_env.prefix))
-    rel_altered = str(altered.relative_to(own_env.prefix))
+    rel_deleted = deleted.relative_to(own_env.prefix).as_posix()  # as paths.json spells it
+    rel_altered = altered.relative_to(own_env.prefix).as_posix()
     assert quick.details["missing"] == [f"pytorch: {rel_deleted}"]
     assert quick.details["altered"] == []  # quick mode only checks existence
 
@@ -125,6 +124,8 @@ def test_files_detect_a_deleted_and_an_altered_file(own_env: EnsureResult) -> No
                              f"altered file pytorch: {rel_altered}")
 
 
+@pytest.mark.skipif(IS_WINDOWS, reason="no prefix-patched file on Windows: the sample's "
+                    "python.exe is the venv launcher, copied unpatched")
 def test_patched_launcher_is_checked_against_its_installed_hash(own_env: EnsureResult) -> None:
     launcher = own_env.python
     assert check_files(own_env.prefix, deep=True).ok  # the prefix-patched launcher matches
@@ -155,6 +156,8 @@ def test_imports_see_only_the_env(shared_env: EnsureResult) -> None:
     assert not report.ok and "ModuleNotFoundError" in report.problems[0]
 
 
+@pytest.mark.skipif(IS_WINDOWS, reason="the python._pth beside the Windows python.exe makes it "
+                    "ignore PYTHONPATH (its relative paths need no extra path)")
 def test_imports_with_extra_path(shared_env: EnsureResult, tmp_path: Path) -> None:
     (tmp_path / "extra_mod.py").write_text("__version__ = '7'\n")
     report = check_imports(shared_env.python, ["extra_mod"], extra_path=tmp_path)
@@ -167,17 +170,15 @@ def test_imports_of_a_missing_or_failing_interpreter(tmp_path: Path) -> None:
     assert check_imports(tmp_path / "nope" / "python", []).ok
     missing = check_imports(tmp_path / "nope" / "python", ["os"])
     assert missing.problems == (f"interpreter {tmp_path / 'nope' / 'python'} does not exist",)
-    crashing = tmp_path / "python"
-    crashing.write_text("#!/bin/sh\necho 'fatal: no stdlib' >&2\nexit 1\n")
-    crashing.chmod(0o755)
+    crashing = fake_executable(tmp_path, "python",
+                               "import sys\nsys.stderr.write('fatal: no stdlib\\n')\nsys.exit(1)\n")
     report = check_imports(crashing, ["os"])
     assert report.problems == ("import probe failed: fatal: no stdlib",)
-    silent = tmp_path / "silent"
-    silent.write_text("#!/bin/sh\necho hello\n")
-    silent.chmod(0o755)
+    silent = fake_executable(tmp_path, "silent", "print('hello')\n")
     assert check_imports(silent, ["os"]).problems == ("import probe printed no JSON",)
 
 
+@needs_symlinks
 def test_find_staging_path(tmp_path: Path) -> None:
     staging = "/home/u/.provisioner/.staging/k.0123456789ab.abcdef"
     prefix = tmp_path / "env"
@@ -188,7 +189,8 @@ def test_find_staging_path(tmp_path: Path) -> None:
     (prefix / "lib" / "__pycache__" / "m.cpython-311.pyc").write_bytes(staging.encode())
     (prefix / "lib" / "clean.py").write_text("x = '/home/u/.provisioner/envs/k/gen'\n")
     os.symlink(prefix / "bin" / "tool", prefix / "bin" / "link")
-    assert find_staging_path(prefix, staging) == ["bin/tool", "lib/data.bin"]
+    found = [p.replace(os.sep, "/") for p in find_staging_path(prefix, staging)]
+    assert found == ["bin/tool", "lib/data.bin"]
     assert find_staging_path(prefix, "/elsewhere") == []
 
 

@@ -315,7 +315,6 @@ def test_404_is_one_line_naming_package_and_url(project: SampleProject, tmp_path
     no_partials(cache)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 def test_404_through_the_cli_with_the_mirror_in_provisioner_toml(
         project: SampleProject, tmp_path: Path, packages: list[LockedPackage],
         server: FaultServer) -> None:

@@ -22,8 +22,6 @@ from provisioner.errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR
 from provisioner.lock.spec import spec_path
 from provisioner.lock.write import lock_envs
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
-
 CPU = "sample-cpu-transformers"
 BNB = "sample-cu121-transformers-bnb"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,6 @@ from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lock_header
 from provisioner.sample.project import SampleProject, create_sample_project
 
-unix_only = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 REAL_LOCKS = Path(__file__).resolve().parents[1] / "data" / "real-locks"
 
@@ -116,7 +114,6 @@ def test_lock_hash_is_fast_on_a_large_real_lock(tmp_path: Path) -> None:
     assert elapsed < 0.05, f"planning took {elapsed * 1000:.1f} ms"
 
 
-@unix_only
 def test_ready_env_is_reused(config: Config) -> None:
     built = ensure(config, CPU)
     plan = make_plan(config, CPU)
@@ -126,7 +123,6 @@ def test_ready_env_is_reused(config: Config) -> None:
     assert not env_is_ready(plan.prefix, "0" * 64, plan.platform)
 
 
-@unix_only
 def test_ready_generation_without_pointer_becomes_active(config: Config) -> None:
     built = ensure(config, CPU)
     HomeLayout(config.home).pointer(CPU).unlink()
@@ -136,7 +132,6 @@ def test_ready_generation_without_pointer_becomes_active(config: Config) -> None
     assert plan.generation == built.generation
 
 
-@unix_only
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "other-schema", "other-lock",
                                     "in-progress", "no-python"])
 def test_damaged_env_is_repaired(config: Config, damage: str) -> None:
@@ -163,15 +158,15 @@ def test_damaged_env_is_repaired(config: Config, damage: str) -> None:
     assert not env_is_ready(plan.prefix, plan.lock_hash, plan.platform)
 
 
-@unix_only
 def test_changed_lock_plans_a_rebuild(project: SampleProject, tmp_path: Path) -> None:
     config = copy_project(project, tmp_path)
     built = ensure(config, CPU)
     lockfile = config.locks_dir / f"{CPU}.conda-lock.yml"
-    text = lockfile.read_text()
+    text = lockfile.read_text(encoding="utf-8")
     # A relock that moved transformers: same spec (content hash), other package.
     lockfile.write_text(text.replace("transformers-4.40.0", "transformers-4.36.2")
-                        .replace("version: 4.40.0", "version: 4.36.2"))
+                        .replace("version: 4.40.0", "version: 4.36.2"), encoding="utf-8",
+                        newline="\n")
     plan = make_plan(config, CPU)
     assert plan.action == "rebuild"
     assert plan.active_generation == built.generation != plan.generation

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from winsupport import IS_WINDOWS, SELF_KILLED_RC, needs_symlinks
 
 from provisioner.build.fingerprint import in_progress_path, read_fingerprint
 from provisioner.build.layout import (
@@ -40,11 +41,7 @@ from provisioner.fsops import MARKER_NAME, remove_unmarked_stub, write_marker
 from provisioner.lock.platforms import host_platform
 from provisioner.sample.project import create_sample_project
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(sys.platform == "win32",
-                       reason="SIGKILL, and not ported to Windows yet (POSIX env layout)"),
-]
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 KEY = "sample-cu121-transformers"
@@ -334,6 +331,8 @@ def _kill_lane(project: Path, homes: Path, rebuilds: _Rebuilds | None, seed: int
     return outcomes
 
 
+@pytest.mark.skipif(IS_WINDOWS, reason="a kill mid-install leaves the installer child running on "
+                    "Windows (no PR_SET_PDEATHSIG, no job object; orphans.py records none there)")
 def test_kill9_at_random_moments_leaves_env_absent_or_complete(
     project: Path, own_project: Path, variants: dict[str, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -361,7 +360,7 @@ def _fault_lane(project: Path, home: Path, rebuilds: _Rebuilds | None,
         else:
             previous, target = rebuilds.arm()
         rc, _out, err = _finish(_start(project, home, KEY, PROVISIONER_TEST_FAULT=point))
-        assert rc == -signal.SIGKILL, f"{point}: exited {rc}, not killed:\n{err}"
+        assert rc == SELF_KILLED_RC, f"{point}: exited {rc}, not killed:\n{err}"
 
         active = _assert_absent_or_complete(home)
         assert active == previous, f"{point}: the pointer moved to {active}"
@@ -424,6 +423,7 @@ def test_unmarked_staging_dir_from_an_early_kill_is_recovered(
     assert (foreign / "notes.txt").is_file()
 
 
+@needs_symlinks
 def test_remove_unmarked_stub_takes_only_what_an_early_kill_leaves(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-import pytest
+from winsupport import IS_WINDOWS
 
 from provisioner.build.ensure import ensure
+from provisioner.build.layout import python_path
 from provisioner.build.maintenance import verify_env
 from provisioner.build.repair import repair_env
 from provisioner.config import Config
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 
 
 def test_repair_restores_altered_missing_and_placeholder_files(
         config: Config, host_python_xy: str) -> None:
     prefix = ensure(config, CPU).prefix
-    site = prefix / f"lib/python{host_python_xy}/site-packages"
-    shared = site / "sitecustomize.py"  # a hardlink into the cache: both are damaged
+    site = prefix / ("Lib/site-packages" if IS_WINDOWS
+                     else f"lib/python{host_python_xy}/site-packages")
+    # A hardlink into the cache: both are damaged. (The sample's Windows python has no
+    # sitecustomize.py; its python._pth is such a link too.)
+    shared = prefix / "python._pth" if IS_WINDOWS else site / "sitecustomize.py"
     good_shared = shared.read_bytes()
     with shared.open("r+b") as fh:
         fh.truncate(10)
-    python = prefix / "bin" / "python"  # patched with the env's prefix at install time
+    # POSIX: patched with the env's prefix at install time. Windows: the venv launcher,
+    # another hardlink into the cache (no sample file there holds the prefix).
+    python = python_path(prefix)
     good_python, mode = python.read_bytes(), python.stat().st_mode
     python.write_bytes(b"#!/bin/sh\nexit 3\n")
     marker = site / "_sample_python_marker.py"
@@ -39,14 +43,15 @@ def test_repair_restores_altered_missing_and_placeholder_files(
     after = repair_env(config, CPU)
     assert after.ok, after.problems
     assert shared.read_bytes() == good_shared
-    assert python.read_bytes() == good_python and str(prefix).encode() in good_python
+    assert python.read_bytes() == good_python
+    assert IS_WINDOWS or str(prefix).encode() in good_python
     assert python.stat().st_mode == mode and os.access(python, os.X_OK)
     assert marker.read_bytes() == good_marker
 
 
 def test_repair_of_a_healthy_env_changes_nothing(config: Config) -> None:
     prefix = ensure(config, CPU).prefix
-    python = prefix / "bin" / "python"
+    python = python_path(prefix)
     inode = python.stat().st_ino
     assert repair_env(config, CPU).ok
     assert python.stat().st_ino == inode
@@ -58,7 +63,7 @@ def test_cli_verify_repair(config: Config, tmp_path: Path) -> None:
     from provisioner.cli import cli
 
     prefix = ensure(config, CPU).prefix
-    (prefix / "bin" / "python").write_bytes(b"broken")
+    python_path(prefix).write_bytes(b"broken")
     args = ["--home", str(config.home), "verify", CPU, "--project", str(config.project)]
     runner = CliRunner()
     assert runner.invoke(cli, [*args, "--deep"]).exit_code == 1

@@ -21,7 +21,6 @@ from provisioner.errors import SpecError
 from provisioner.lock.spec import spec_path
 from provisioner.lock.write import lock_envs
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 
 

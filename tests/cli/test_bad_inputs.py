@@ -15,12 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from winsupport import IS_WINDOWS
 
 from provisioner.errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR
+from provisioner.lock.platforms import host_platform
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
 CU121 = "sample-cu121-transformers"
+# Where nothing can be created: /proc on Linux (read-only at / on macOS too); Windows has
+# neither, so there a path under a regular file of the project (the tests run in it).
+UNWRITABLE = "provisioner.toml\\x" if IS_WINDOWS else "/proc/x"
 
 
 def _spec(p: Path) -> Path:
@@ -38,7 +42,7 @@ def _set_imports(p: Path, imports: list[str]) -> None:
 
 
 def _corrupt_archive(p: Path) -> None:
-    (archive,) = [a for a in p.rglob("numpy-*.tar.bz2") if "linux-64" in str(a)][:1]
+    (archive,) = [a for a in p.rglob("numpy-*.tar.bz2") if a.parent.name == host_platform()]
     archive.write_bytes(archive.read_bytes() + b"xx")
 
 
@@ -65,7 +69,7 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], dict[str, str], int, s
     "5,000-char model id": (_nothing, ["resolve", "m" * 5000], {}, 2, "error:"),
     "huge CONDA_OVERRIDE_CUDA": (_nothing, ["ensure", CU121],
                                  {"CONDA_OVERRIDE_CUDA": "9" * 40}, 2, "CONDA_OVERRIDE_CUDA"),
-    "sample into /proc/x": (_nothing, ["sample", "/proc/x"], {}, 2, "/proc/x"),
+    "sample into an unwritable path": (_nothing, ["sample", UNWRITABLE], {}, 2, UNWRITABLE),
     "bad imports entry": (lambda p: _set_imports(p, ["os; import shutil"]), ["lock", CPU], {},
                           2, "is not a module name"),
     "imports entry the env lacks": (lambda p: (_set_imports(p, ["no_such_module"]), _relock(p))[0],
@@ -74,8 +78,9 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], dict[str, str], int, s
     "key with no lock": (_nothing, ["ensure", "no-such-key"], {}, 2, "provisioner lock KEY"),
     "lockfile is a directory": (lambda p: (_lock(p).unlink(), _lock(p).mkdir())[0],
                                 ["ensure", CPU], {}, 2, "is a directory"),
-    "home under /proc": (_nothing, ["--home", "/proc/x/home", "ensure", CPU], {}, 2,
-                         "/proc/x/home"),
+    "home in an unwritable path": (_nothing, ["--home", os.path.join(UNWRITABLE, "home"),
+                                              "ensure", CPU], {}, 2,
+                                   os.path.join(UNWRITABLE, "home")),
     "truncated lock, lock --check": (
         lambda p: _lock(p).write_bytes(_lock(p).read_bytes()[:-300]), ["lock", "--check"], {},
         EXIT_CHECK_FAILED, "lacks"),

@@ -156,7 +156,6 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"project": project, "env": env}
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 @pytest.mark.parametrize("args", [
     ["ensure", CPU], ["ensure", CPU, "--dry-run"], ["resolve", "gpt2"], ["verify", CPU],
     ["list", "--no-probe"], ["health", CPU], ["gc", "--dry-run"],

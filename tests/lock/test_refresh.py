@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import jsonschema
-import pytest
 
 from provisioner.config import load_config
 from provisioner.lock.channels import resolve_channels
@@ -21,8 +20,6 @@ from provisioner.lock.refresh import changed_archives
 from provisioner.lock.write import lock_envs
 from provisioner.sample.packages import PackageFile, build_conda_package, index_channel
 from provisioner.sample.stack import SAMPLE_CHANNEL, build_sample_channel
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 KEY = "rebuilt-env"
 
@@ -92,7 +89,7 @@ def test_rebuilt_archive_fails_ensure_then_lock_relocks_it(tmp_path: Path) -> No
     assert third_sha == item["channel_sha256"]
     lockfile = lockfile_path(project / "lockfiles", KEY)
     lockfile.write_text(lockfile.read_text(encoding="utf-8").replace(third_sha, old_sha),
-                        encoding="utf-8")  # back to the stale lock, for the text output
+                        encoding="utf-8", newline="\n")  # the stale lock again, for the text
     archive = _package(project / "channel", "second build, other bytes\n")
     relock = _cli(project, "lock", KEY)
     assert relock.returncode == 0, relock.stderr

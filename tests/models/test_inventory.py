@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from legacy_venvs import make_migratable_venv, site_packages
+from winsupport import IS_WINDOWS, long_paths_off, venv_scripts
 
 from provisioner import processes
 from provisioner.build.ensure import ensure
+from provisioner.build.layout import python_path
 from provisioner.config import Config
 from provisioner.errors import EXIT_CHECK_FAILED, ToolMissingError, UserError
 from provisioner.models.doctor import (
@@ -34,8 +36,6 @@ from provisioner.models.inventory import (
 )
 from provisioner.models.migrate import human_bytes
 from provisioner.models.resolve import get_env_for_model
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 BNB = "sample-cu121-transformers-bnb"
 CPU = "sample-cpu-transformers"
@@ -110,8 +110,7 @@ def test_health_of_legacy_envs(config: Config) -> None:
     gpt2 = make_migratable_venv(legacy_root(config), GPT2)
     rows = {r.name: r for r in health(config, legacy=True)}
     assert rows[LLAMA].healthy and rows[LLAMA].key == BNB and rows[GPT2].healthy
-    (site,) = (gpt2 / ".venv").glob("lib/python*/site-packages")
-    shutil.rmtree(site / "transformers")
+    shutil.rmtree(site_packages(gpt2 / ".venv") / "transformers")
     rows = {r.name: r for r in health(config, legacy=True)}
     assert rows[LLAMA].healthy and rows[GPT2].health.status == "broken"
     with pytest.raises(UserError):
@@ -125,11 +124,13 @@ def test_prepare_run_puts_the_env_first_on_path(config: Config) -> None:
     plan = prepare_run(config, LLAMA, ["python", "-V"])
     assert plan.source == "shared" and plan.key == BNB
     first = plan.env["PATH"].split(os.pathsep)[0]
-    assert first == str(plan.prefix / "bin") and plan.env["CONDA_PREFIX"] == str(plan.prefix)
+    bin_dir = python_path(plan.prefix).parent  # bin, or the prefix itself on Windows
+    assert first == str(bin_dir) and plan.env["CONDA_PREFIX"] == str(plan.prefix)
     assert "env" not in plan.to_dict()
     windows = prepare_run(config, LLAMA, ["python"], is_windows=True)
-    assert windows.path_prepend[1:] == (str(plan.prefix), str(plan.prefix / "Library" / "bin"),
-                                        str(plan.prefix / "Scripts"))
+    conda_dirs = [str(plan.prefix), str(plan.prefix / "Library" / "bin"),
+                  str(plan.prefix / "Scripts")]
+    assert windows.path_prepend == tuple(dict.fromkeys([str(bin_dir), *conda_dirs]))
     with pytest.raises(UserError, match="no command"):
         prepare_run(config, LLAMA, [])
 
@@ -137,14 +138,17 @@ def test_prepare_run_puts_the_env_first_on_path(config: Config) -> None:
 def test_prepare_run_for_a_legacy_env(config: Config) -> None:
     gpt2 = make_migratable_venv(legacy_root(config), GPT2)
     plan = prepare_run(config, GPT2, ["python"])
-    assert plan.source == "legacy" and plan.path_prepend == (str(gpt2 / ".venv" / "bin"),)
+    assert plan.source == "legacy"
+    assert plan.path_prepend == (str(venv_scripts(gpt2 / ".venv")),)
     assert plan.env["VIRTUAL_ENV"] == str(gpt2 / ".venv")
 
 
 def test_run_passthrough_exit_codes() -> None:
     assert processes.run_passthrough([sys.executable, "-c", "import sys; sys.exit(5)"]) == 5
     kill = f"import os, signal; os.kill(os.getpid(), {int(signal.SIGTERM)})"
-    assert processes.run_passthrough([sys.executable, "-c", kill]) == 128 + int(signal.SIGTERM)
+    # Windows has no signals: os.kill there is TerminateProcess with the number as exit code.
+    killed = int(signal.SIGTERM) if IS_WINDOWS else 128 + int(signal.SIGTERM)
+    assert processes.run_passthrough([sys.executable, "-c", kill]) == killed
     with pytest.raises(ToolMissingError):
         processes.run_passthrough(["no-such-program-provisioner"])
 
@@ -161,7 +165,14 @@ def test_doctor_reports_the_host(config: Config) -> None:
     assert set(report.backends) == {"rattler", "micromamba", "mamba", "conda"}
     assert data["home"] == str(config.home) and data["legacy_envs"] == 1
     assert isinstance(data["home_free_bytes"], int) and data["home_free_bytes"] > 0
-    assert data["long_paths_enabled"] is None and data["platform"]
+    # None off Windows; on Windows the registry's value (the CI leg with it off says so)
+    if not IS_WINDOWS:
+        assert data["long_paths_enabled"] is None
+    elif long_paths_off():
+        assert data["long_paths_enabled"] is False
+    else:
+        assert isinstance(data["long_paths_enabled"], bool)
+    assert data["platform"]
     assert any(line.startswith("conda_override_cuda:") for line in render_doctor_text(report))
 
 
@@ -178,7 +189,8 @@ def test_long_paths_enabled_with_a_fake_reader() -> None:
     assert long_paths_enabled(reader(0)) is False
     assert long_paths_enabled(reader(FileNotFoundError())) is False
     assert long_paths_enabled(reader(PermissionError())) is None
-    assert long_paths_enabled() is None  # not Windows
+    if not IS_WINDOWS:
+        assert long_paths_enabled() is None
 
 
 def test_human_bytes() -> None:
@@ -224,8 +236,7 @@ def test_cli_health_exit_codes(config: Config) -> None:
     assert data["ok"] is True and [e["name"] for e in data["envs"]] == [CPU]
     gpt2 = make_migratable_venv(legacy_root(config), GPT2)
     assert run_cli(config, "health", "--legacy").returncode == 0
-    (site,) = (gpt2 / ".venv").glob("lib/python*/site-packages")
-    shutil.rmtree(site / "torch")
+    shutil.rmtree(site_packages(gpt2 / ".venv") / "torch")
     bad = run_cli(config, "health", "--legacy", "--json")
     assert bad.returncode == EXIT_CHECK_FAILED
     assert json.loads(bad.stdout)["envs"][0]["status"] == "broken"
@@ -238,7 +249,9 @@ def test_cli_run(config: Config) -> None:
     result = run_cli(config, "run", LLAMA, "--", "python", "-c", code, project_first=True)
     assert result.returncode == 3, result.stderr
     prefix = get_env_for_model(LLAMA, config=config, build=False).prefix
-    assert result.stdout.strip() == str(Path(prefix) / "bin" / "python")
+    # which() on Windows spells the extension as PATHEXT does (.EXE): compare normalised
+    found = os.path.normcase(result.stdout.strip())
+    assert found == os.path.normcase(str(python_path(Path(prefix))))
     empty = run_cli(config, "run", LLAMA, "--", project_first=True)
     assert empty.returncode == 2 and "no command" in empty.stderr
 

@@ -20,8 +20,6 @@ from provisioner.models.migrate import _delete_legacy, migrate, plan_migration, 
 from provisioner.models.resolve import get_env_for_model
 from provisioner.models.state import StateFile
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
-
 BNB = "sample-cu121-transformers-bnb"
 CPU = "sample-cpu-transformers"
 LLAMA = "meta-llama/Llama-2-7b-hf"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from legacy_venvs import HEALTHY, OUTDATED, add_simple, create_venv, make_legacy, site_packages
+from winsupport import needs_symlinks, venv_interpreter
 
 from provisioner.build.layout import HomeLayout, python_path, read_pointer
 from provisioner.config import Config, load_config
@@ -30,9 +31,6 @@ from provisioner.lock.write import lock_envs
 from provisioner.models.resolve import Resolution, get_env_for_model
 from provisioner.models.state import stat_signature
 from provisioner.sample.project import create_sample_project
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32",
-                                reason="not ported to Windows yet")
 
 MISTRAL = "mistralai/Mistral-7B-v0.1"
 LLAMA = "meta-llama/Llama-2-7b-hf"
@@ -162,7 +160,7 @@ def test_healthy_legacy_is_preferred(world: World, caplog: pytest.LogCaptureFixt
         res = world.resolve(MISTRAL)
     assert res.source == "legacy"
     assert res.env_key == CU121 and res.migration_target == CU121
-    assert (res.prefix, res.python) == (str(venv), str(venv / "bin" / "python"))
+    assert (res.prefix, res.python) == (str(venv), str(venv_interpreter(venv)))
     assert _steps(res) == [("shared env", "unavailable"), ("legacy env", "used")]
     assert MIGRATION_LOG in caplog.text
     assert _envs_built(world.home) == [], "nothing is built while a healthy legacy venv serves"
@@ -204,7 +202,7 @@ def test_build_failure_uses_outdated_legacy_in_degraded_mode(
     with caplog.at_level(logging.INFO, logger="provisioner"):
         res = world.resolve(MISTRAL)
     assert res.source == "legacy-degraded"
-    assert (res.python, res.migration_target) == (str(venv / "bin" / "python"), CU121)
+    assert (res.python, res.migration_target) == (str(venv_interpreter(venv)), CU121)
     assert _steps(res) == [("shared env", "unavailable"), ("legacy env", "skipped"),
                            ("build shared env", "failed"), ("legacy env (lenient)", "used")]
     assert "degraded" in res.attempts[1].detail
@@ -214,6 +212,7 @@ def test_build_failure_uses_outdated_legacy_in_degraded_mode(
     assert read_pointer(HomeLayout(world.home), CU121) is None
 
 
+@needs_symlinks
 def test_filesystem_error_during_build_falls_back(world: World) -> None:
     world.legacy(MISTRAL, OUTDATED)
     world.home.mkdir()
