@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from skip_summary import pytest_terminal_summary  # noqa: F401  (a hook: pytest finds it here)
 
 from provisioner.config import Config, load_config
 from provisioner.sample.project import create_sample_project, sample_platforms
