@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -194,6 +195,84 @@ def test_ci_matrix_and_checks() -> None:
     for command in ('pip install -e ".[test]"', "python -m pytest -q", "provisioner lock --check",
                     "ruff check .", "mypy provisioner", "actionlint"):
         assert command in scripts
+
+
+def matrix_legs(matrix: dict[str, Any]) -> list[dict[str, Any]]:
+    """The jobs GitHub makes of a matrix: the product of its lists, then each ``include``.
+
+    An include entry extends every combination whose original values it does not
+    change; one that fits none becomes a combination of its own.
+    """
+    axes = {k: v for k, v in matrix.items() if k not in ("include", "exclude")}
+    legs: list[dict[str, Any]] = [{}]
+    for key, values in axes.items():
+        legs = [{**leg, key: value} for leg in legs for value in values]
+    originals = [dict(leg) for leg in legs]
+    for extra in matrix.get("include", []):
+        fits = [i for i, orig in enumerate(originals)
+                if all(orig[k] == v for k, v in extra.items() if k in axes)]
+        for i in fits:
+            legs[i].update(extra)
+        if not fits:
+            legs.append(dict(extra))
+    return legs
+
+
+def test_matrix_legs_follow_githubs_include_rules() -> None:
+    matrix = {"os": ["a", "b"], "flag": ["default"],
+              "include": [{"os": "b", "note": "x"}, {"os": "b", "flag": "off"}]}
+    assert matrix_legs(matrix) == [{"os": "a", "flag": "default"},
+                                   {"os": "b", "flag": "default", "note": "x"},
+                                   {"os": "b", "flag": "off"}]
+
+
+# Build, resolve, migrate, gc and demo tests: they must run on every leg, Windows included.
+BUILD_AND_DEMO_TESTS = ["build/test_ensure.py", "build/test_plan.py", "build/test_backends.py",
+                        "build/test_maintenance.py", "build/test_retention.py",
+                        "build/test_path_budget.py", "models/test_resolve.py",
+                        "models/test_migrate.py", "sample/test_demo.py"]
+
+
+def test_windows_runs_a_default_leg_and_a_long_paths_off_leg() -> None:
+    tests = load(WORKFLOWS[0])["jobs"]["tests"]
+    legs = matrix_legs(tests["strategy"]["matrix"])
+    windows = [leg for leg in legs if leg["os"] == "windows-latest"]
+    assert sorted(leg["python-version"] for leg in windows
+                  if leg["long-paths"] == "default") == SUPPORTED_PYTHONS
+    assert [leg["python-version"] for leg in windows if leg["long-paths"] == "off"] == ["3.13"]
+    assert all(leg["long-paths"] == "default" for leg in legs if leg not in windows)
+    assert len(legs) == 3 * len(SUPPORTED_PYTHONS) + 1
+    assert "long paths off" in tests["name"]  # the two Windows 3.13 legs are told apart
+
+    steps = tests["steps"]
+    reg = next(s for s in steps if "LongPathsEnabled" in s.get("run", ""))
+    assert reg["if"] == "matrix.long-paths == 'off'"
+    assert reg["shell"] == "pwsh"  # Git Bash would turn reg's /v /d /f switches into paths
+    key = r"HKLM\SYSTEM\CurrentControlSet\Control\FileSystem"
+    assert f'reg add "{key}" /v LongPathsEnabled /t REG_DWORD /d 0 /f' in reg["run"]
+    run = next(s for s in steps if s.get("name") == "Tests")
+    assert steps.index(reg) < steps.index(run), "long paths go off before the tests start"
+    assert run["env"]["PROVISIONER_TEST_LONG_PATHS"] == "${{ matrix.long-paths }}"
+
+
+def test_every_leg_runs_the_build_and_demo_tests() -> None:
+    """The whole suite, nothing deselected, and no build or demo module skipped on Windows."""
+    tests = load(WORKFLOWS[0])["jobs"]["tests"]
+    run = next(s for s in tests["steps"] if s.get("name") == "Tests")
+    assert run["run"].strip() == "python -m pytest -q"
+    addopts = re.search(r'^addopts\s*=\s*"(.*)"', (REPO / "pyproject.toml").read_text(
+        encoding="utf-8"), re.MULTILINE)
+    assert addopts is not None
+    for deselect in ("-k", "-m", "--ignore", "--deselect"):
+        assert deselect not in addopts.group(1).split()
+    for name in BUILD_AND_DEMO_TESTS:
+        module = ast.parse((REPO / "tests" / name).read_text(encoding="utf-8"))
+        marks = [ast.unparse(node) for node in module.body if isinstance(node, ast.Assign)
+                 and any(getattr(t, "id", "") == "pytestmark" for t in node.targets)]
+        assert not [m for m in marks if "skip" in m], f"{name} is skipped wholesale: {marks}"
+    generic = "not ported to " + "Windows"
+    for path in (REPO / "tests").rglob("*.py"):
+        assert generic not in path.read_text(encoding="utf-8"), f"{path}: give the reason"
 
 
 def test_a_push_and_its_pull_request_run_once() -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path, PureWindowsPath
 
 import pytest
+from winsupport import IS_WINDOWS, long_paths_off
 
 from provisioner.build.artifacts import verify_artifacts
 from provisioner.build.layout import HomeLayout
@@ -130,3 +134,58 @@ def test_long_paths_enabled_reads_the_registry_value() -> None:
     assert long_paths_enabled(reader(0)) is False
     assert long_paths_enabled(reader(FileNotFoundError())) is False
     assert long_paths_enabled(reader(PermissionError())) is None
+
+
+# --- end to end: a deep home through the real CLI --------------------------------------------
+
+# The CLI with the budget check forced on as on Windows with long paths off, through its
+# seam (the keyword arguments ensure leaves at their defaults).
+_FORCED_CLI = (
+    "import functools, sys\n"
+    "from provisioner.build import path_budget\n"
+    "path_budget.check_build_paths = functools.partial(\n"
+    "    path_budget.check_build_paths, windows=True, long_paths=False)\n"
+    "from provisioner.cli import main\n"
+    "sys.argv[0] = 'provisioner'\n"
+    "main()\n"
+)
+HOME_LENGTH = 200  # creatable with long paths off (a directory < 248); its env paths are not
+
+
+def deep_home(tmp_path: Path) -> Path:
+    """A home of :data:`HOME_LENGTH` characters: its staging paths pass 260 with the sample."""
+    pad = max(8, HOME_LENGTH - len(str(tmp_path)) - 1)
+    return tmp_path / ("h" * pad)
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["registry", "forced"])
+def test_a_deep_home_is_refused_cleanly_only_where_long_paths_are_off(
+        shared_project: Path, tmp_path: Path, forced: bool) -> None:
+    """CI's Windows leg with LongPathsEnabled=0 refuses for real; every other host builds it.
+
+    ``forced`` runs the refusal everywhere (Linux included) through the check's seam.
+    """
+    home = deep_home(tmp_path)
+    refused = forced or (IS_WINDOWS and long_paths_off())
+    if IS_WINDOWS and long_paths_off():
+        assert long_paths_enabled() is False, "the CI step did not turn long paths off"
+    env = {**os.environ, "CONDA_OVERRIDE_CUDA": "12.1", "PROVISIONER_HOME": str(home)}
+    env.pop("PROVISIONER_DEBUG", None)
+    argv = ["-c", _FORCED_CLI] if forced else ["-m", "provisioner"]
+    done = subprocess.run([sys.executable, *argv, "ensure", CPU, "--project",
+                           str(shared_project)], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    layout = HomeLayout(home)
+    if not refused:
+        assert done.returncode == 0, done.stderr
+        python = Path(done.stdout.strip().splitlines()[-1])
+        assert python.is_file() and python.is_relative_to(layout.envs)
+        return
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "Windows long paths are off" in errors[0] and "characters" in errors[0]
+    assert any(line.startswith("hint: ") and "LongPathsEnabled" in line
+               for line in done.stderr.splitlines()), done.stderr
+    assert not layout.envs.exists() or not any(layout.envs.iterdir()), "nothing under envs/"
+    assert not layout.staging.exists() or not any(layout.staging.iterdir())
