@@ -212,9 +212,12 @@ def test_children_in_a_build_scope_carry_its_tag_and_are_reported(tmp_path: Path
     from provisioner.processes import BUILD_DIR_ENV, build_scope
 
     spawned: list[int] = []
-    code = f"import os; print(os.getpid(), os.getpgid(0), os.environ.get({BUILD_DIR_ENV!r}))"
+    # Windows has no process groups (getpgid) and needs SYSTEMROOT to start a python.
+    code = ("import os; print(os.getpid(), getattr(os, 'getpgid', lambda _: os.getpid())(0), "
+            f"os.environ.get({BUILD_DIR_ENV!r}))")
+    keep = {k: v for k, v in os.environ.items() if k.upper() == "SYSTEMROOT"}
     with build_scope(tmp_path, on_spawn=spawned.append):
-        inside = run([sys.executable, "-c", code], timeout=60, env={"PATH": os.defpath})
+        inside = run([sys.executable, "-c", code], timeout=60, env={"PATH": os.defpath, **keep})
     outside = run([sys.executable, "-c", code], timeout=60)
     pid, pgid, tag = inside.stdout.split()
     assert tag == str(tmp_path) and spawned == [int(pid)]

@@ -5,6 +5,7 @@ And ``file://`` URLs convert to local paths and back under Windows (UNC, drives)
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def test_lock_with_a_root_lacking_a_channel_fails_offline(tmp_path: Path) -> Non
     result = subprocess.run(
         [str(PROVISIONER), "lock", "--skip-pip", "--channel-root", str(root)],
         cwd=project, capture_output=True, text=True, timeout=300,
-        env={"PATH": "", "HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9"},
+        env={"PATH": "", "HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
+             # Windows: a python child cannot start without SYSTEMROOT
+             **{k: v for k, v in os.environ.items() if k.upper() == "SYSTEMROOT"}},
     )
     assert result.returncode == 2, result.stdout
     assert "channel 'nvidia' has no directory under the channel root" in result.stderr
