@@ -16,6 +16,11 @@ import pytest
 IS_WINDOWS = sys.platform == "win32"
 #: the environment variable the CI legs set: ``off`` on the ``LongPathsEnabled=0`` leg
 LONG_PATHS_VAR = "PROVISIONER_TEST_LONG_PATHS"
+#: where a conda prefix (or an extracted package) keeps its site-packages, as a glob
+SITE_GLOB = "Lib/site-packages" if IS_WINDOWS else "lib/python*/site-packages"
+#: the exit status of a process that killed itself with SIGKILL: Windows has no signals, and
+#: os.kill there is TerminateProcess with the number as exit code (SIGTERM: SIGKILL is absent)
+SELF_KILLED_RC = 15 if IS_WINDOWS else -9
 
 
 def venv_scripts(venv: Path) -> Path:
@@ -44,8 +49,9 @@ def fake_executable(folder: Path, name: str, source: str) -> Path:
     script = folder / f"{name}.py"
     script.write_text(source, encoding="utf-8")
     exe = folder / f"{name}.bat"
-    exe.write_text(f'@"{sys.executable}" "%~dp0{name}.py" %*\r\n@exit /b %ERRORLEVEL%\r\n',
-                   encoding="utf-8", newline="")
+    # The last command's exit status is the batch file's (cmd /c returns it).
+    exe.write_text(f'@"{sys.executable}" "%~dp0{name}.py" %*\r\n', encoding="utf-8",
+                   newline="")
     return exe
 
 
@@ -71,10 +77,3 @@ def _symlinks_work() -> bool:
 #: runners have it on); a test that needs one is skipped, with that reason, elsewhere.
 needs_symlinks = pytest.mark.skipif(
     not _symlinks_work(), reason="symlinks need Developer Mode or an administrator on Windows")
-
-
-#: where a conda prefix (or an extracted package) keeps its site-packages, as a glob
-SITE_GLOB = "Lib/site-packages" if IS_WINDOWS else "lib/python*/site-packages"
-#: the exit status of a process that killed itself with SIGKILL: Windows has no signals, and
-#: os.kill there is TerminateProcess with the number as exit code (SIGTERM: SIGKILL is absent)
-SELF_KILLED_RC = 15 if IS_WINDOWS else -9
