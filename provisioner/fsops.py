@@ -15,18 +15,16 @@ import errno
 import json
 import os
 import secrets
-import signal
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from provisioner.errors import BuildError
+from provisioner.errors import BuildError, EnvironmentProblemError
 from provisioner.paths import (
     free_disk_bytes,
     is_junction,
-    is_real_dir,
     os_path,
     read_bytes_retrying,
     to_extended_path,
@@ -37,8 +35,16 @@ __all__ = ["free_disk_bytes", "to_extended_path", "tree_size"]  # re-exported fo
 
 MARKER_NAME = ".provisioner-owned"
 RENAME_RETRY_BUDGET_S = 25.0
+#: seconds a rename refused with "access denied" (not a sharing violation) is retried:
+#: a scanner's handle goes away in that time, a permanent denial never does
+DENIED_RETRY_BUDGET_S = 1.0
+#: seconds of sleep a deletion waits for files in use to be released before reporting them
+DELETE_RETRY_BUDGET_S = 2.0
 # ERROR_ACCESS_DENIED and ERROR_SHARING_VIOLATION: a scanner or indexer holds a handle.
 _TRANSIENT_WINERRORS = (5, 32)
+# ...and ERROR_DIR_NOT_EMPTY: a file in the directory is still delete-pending.
+_IN_USE_WINERRORS = (5, 32, 145)
+_IN_USE_ERRNOS = (errno.EBUSY, errno.ETXTBSY, errno.EACCES)
 _FIRST_DELAY_S = 0.05
 _MAX_DELAY_S = 2.0
 _IS_WINDOWS = sys.platform == "win32"
@@ -46,6 +52,25 @@ _IS_WINDOWS = sys.platform == "win32"
 
 class UnsafeDeleteError(BuildError):
     """A deletion was refused because the target is not provably provisioner's."""
+
+
+class InUseError(EnvironmentProblemError):
+    """Files that another process holds open stopped a deletion; the marker is kept."""
+
+    def __init__(self, path: Path, in_use: Sequence[str]) -> None:
+        shown = ", ".join(in_use[:3]) + (f" and {len(in_use) - 3} more" if len(in_use) > 3 else "")
+        super().__init__(f"{path}: {len(in_use)} path(s) in use by another process: {shown}",
+                         hint="stop the program that uses them, then run 'provisioner gc'")
+        self.path = path
+        self.in_use = tuple(in_use)
+
+
+def is_in_use(exc: OSError) -> bool:
+    """Whether ``exc`` says another process holds the file (Windows sharing, POSIX busy)."""
+    winerror = getattr(exc, "winerror", None)
+    if winerror is not None:
+        return winerror in _IN_USE_WINERRORS
+    return not _IS_WINDOWS and exc.errno in _IN_USE_ERRNOS
 
 
 def fsync_dir(path: Path) -> None:
@@ -189,18 +214,6 @@ def _add_mode(path: str, bits: int) -> None:
         pass
 
 
-def _retry_writable(op: Callable[[str], None], path: str, parent: str | None) -> None:
-    """Run ``op(path)``; on a permission error make path and parent writable, then retry."""
-    try:
-        op(path)
-    except PermissionError:
-        # Windows refuses to delete read-only files; POSIX refuses entries of read-only dirs.
-        _add_mode(path, stat.S_IWRITE)
-        if parent is not None:
-            _add_mode(parent, stat.S_IRWXU)
-        op(path)
-
-
 def _list_dir(path: str, *, repair: bool = False) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(path) as it:
@@ -213,98 +226,25 @@ def _list_dir(path: str, *, repair: bool = False) -> list[os.DirEntry[str]]:
             return list(it)
 
 
-def _remove_tree(top: str, *, keep: str | None = None) -> None:
-    """Delete the tree ``top``; with ``keep`` (a path in it), only what is beside it."""
-    # Iterative post-order walk: no recursion limit, never follows links or junctions.
-    top_dev = os.lstat(top).st_dev
-    die = os.environ.get("PROVISIONER_TEST_FAULT") == "during-rmtree"  # test hook: kill -9 here
-    stack: list[tuple[str, str | None, bool]] = [(top, None, False)]
-    while stack:
-        directory, parent, listed = stack.pop()
-        if listed:
-            if directory != top or keep is None:
-                _retry_writable(os.rmdir, directory, parent)
-            continue
-        stack.append((directory, parent, True))
-        for entry in _list_dir(directory, repair=True):
-            if entry.path == keep:
-                continue
-            if is_real_dir(entry):
-                # Like rm --one-file-system: a mount inside the tree is someone else's data.
-                if not _IS_WINDOWS and entry.stat(follow_symlinks=False).st_dev != top_dev:
-                    raise UnsafeDeleteError(
-                        f"refusing to delete {entry.path}: another filesystem is mounted there"
-                    )
-                stack.append((entry.path, directory, False))
-            else:
-                # os.unlink also removes directory symlinks and junctions on Windows.
-                _retry_writable(os.unlink, entry.path, directory)
-                if die:
-                    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-def _remove_marked_tree(top: str) -> None:
-    """Delete a marked tree, its marker last, so that an interrupted removal can be resumed."""
-    marker = os.path.join(top, MARKER_NAME)
-    role = read_marker(Path(top)) or "env"
-    _remove_tree(top, keep=marker)
-    remove_file(Path(marker))
-    try:
-        _retry_writable(os.rmdir, top, None)
-    except OSError:
-        write_marker(Path(top), role)  # something wrote into it meanwhile: keep it removable
-        raise
-
-
-def _refuse_reason(path: Path) -> str | None:
-    real = Path(os.path.realpath(path))
-    if real.parent == real:
-        return "it is a filesystem root"
-    try:
-        home = Path.home().resolve()
-    except (KeyError, RuntimeError):
-        home = None
-    if home is not None and (real == home or real in home.parents):
-        return "it is the home directory or one of its parents"
-    return None
-
-
-def safe_rmtree(path: Path, *, require_marker: bool = True) -> None:
+def safe_rmtree(path: Path, *, require_marker: bool = True, last: Sequence[str] = ()) -> None:
     """Delete the directory tree at ``path``, but only if it is provably provisioner's.
 
     Refuses (``UnsafeDeleteError``) a symlink or junction as the root, a
     non-directory, a filesystem root, the home directory or one of its parents,
     and, when ``require_marker``, any directory without provisioner's marker.
     Links inside the tree are unlinked, never followed, so their targets
-    survive. The marker is deleted last: a removal that is interrupted (or
-    that loses a race with a process still writing into the tree) leaves a
-    marked directory that the next call can remove. Read-only files and
-    directories are made writable and retried. A missing ``path`` is a no-op.
+    survive. The paths in ``last`` (relative, ``/``-separated: a fingerprint,
+    ``pyvenv.cfg``) go after everything else, and the marker after them: a
+    removal that is interrupted, or stopped by files in use, leaves a marked
+    directory that the next call can remove. Files in use (Windows sharing
+    violations, POSIX ``EBUSY``) are retried for :data:`DELETE_RETRY_BUDGET_S`
+    seconds, then raised as :class:`InUseError` listing them, with ``last`` and
+    the marker intact. Read-only files and directories are made writable and
+    retried. A missing ``path`` is a no-op. (:mod:`provisioner.fsdelete`)
     """
-    path = Path(os.path.abspath(path))
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode) or is_junction(st):
-        raise UnsafeDeleteError(
-            f"refusing to delete {path}: it is a link, not a directory",
-            hint="remove the link itself if that is what you meant",
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeDeleteError(f"refusing to delete {path}: it is not a directory")
-    reason = _refuse_reason(path)
-    if reason is not None:
-        raise UnsafeDeleteError(f"refusing to delete {path}: {reason}")
-    if require_marker and not has_marker(path):
-        raise UnsafeDeleteError(
-            f"refusing to delete {path}: it has no {MARKER_NAME} marker",
-            hint="provisioner only deletes directories it created; remove it by hand if unwanted",
-        )
-    if has_marker(path):
-        _remove_marked_tree(os_path(path))
-    else:
-        _remove_tree(os_path(path))
+    from provisioner.fsdelete import safe_rmtree as delete
+
+    delete(path, require_marker=require_marker, last=last)
 
 
 def rename_with_retry(
@@ -318,9 +258,11 @@ def rename_with_retry(
 ) -> None:
     """Rename ``src`` to ``dst``, riding out Windows' transient file locks.
 
-    On Windows, WinError 5 and 32 (antivirus or the indexer holding a handle)
-    are retried with exponential backoff for ``budget`` seconds of sleep in
-    total; elsewhere, and for every other error, the first error propagates.
+    On Windows, WinError 32 (a sharing violation: antivirus or the indexer
+    holding a handle) is retried with exponential backoff for ``budget`` seconds
+    of sleep in total, WinError 5 (access denied, which may be permanent) for at
+    most :data:`DENIED_RETRY_BUDGET_S`; elsewhere, and for every other error,
+    the first error propagates.
     In particular ``EXDEV`` surfaces at once so the caller can fall back to
     :func:`copy_tree_into`. ``sleep`` (default ``time.sleep``) and ``rename``
     (default ``os.rename``) are injectable so tests can simulate Windows.
@@ -339,7 +281,8 @@ def rename_with_retry(
             winerror = getattr(exc, "winerror", None)
             if not (is_windows and winerror in _TRANSIENT_WINERRORS):
                 raise
-            remaining = budget - slept
+            # Only a sharing violation is surely transient; "access denied" may be for good.
+            remaining = (budget if winerror == 32 else min(budget, DENIED_RETRY_BUDGET_S)) - slept
             if remaining <= 1e-9:
                 raise
             wait = min(delay, remaining)

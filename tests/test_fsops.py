@@ -338,6 +338,19 @@ def test_rename_retries_access_denied_too() -> None:
     assert len(sleeps) == 1
 
 
+def test_rename_denied_for_good_does_not_wait_the_full_budget() -> None:
+    """Access denied (WinError 5) may be permanent: retried briefly, unlike a sharing violation."""
+    rename = FlakyRename(failures=10_000, winerror=5)
+    sleeps: list[float] = []
+    with pytest.raises(PermissionError) as info:
+        rename_with_retry(
+            Path("a"), Path("b"), sleep=sleeps.append, rename=rename, is_windows=True
+        )
+    assert getattr(info.value, "winerror", None) == 5
+    assert sum(sleeps) == pytest.approx(fsops.DENIED_RETRY_BUDGET_S)
+    assert fsops.DENIED_RETRY_BUDGET_S < fsops.RENAME_RETRY_BUDGET_S / 10
+
+
 def test_rename_gives_up_after_budget() -> None:
     rename = FlakyRename(failures=10_000)
     sleeps: list[float] = []

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from provisioner import fsops, processes
-from provisioner.build import orphans
+from provisioner.build import orphans, trash
 from provisioner.build.backends import ProgressSink, choose_backend
 from provisioner.build.cuda import CudaCheck
 from provisioner.build.env_checks import (
@@ -171,10 +171,13 @@ def _ensure(config: Config, key: str, options: EnsureOptions | None) -> EnsureRe
             # A kill right after the staging dir's mkdir leaves it without a marker.
             if not fsops.remove_unmarked_stub(stale):
                 orphans.stop_build_processes(stale)
-                fsops.safe_rmtree(stale)
+                trash.cleanup(layout, stale, f"removing interrupted build {stale.name}")
         if plan.prefix.exists():
             orphans.stop_build_processes(plan.prefix)  # an in-place (conda) build
-            _discard(layout, plan.prefix)
+            gone = trash.discard(layout, plan.prefix, require_marker=False)  # out of the way
+            if gone.in_use:
+                log.warning("%d file(s) of the old %s are in use; 'provisioner gc' removes "
+                            "them from %s later", len(gone.in_use), plan.prefix, gone.trashed)
         with interruptible():
             try:
                 return _build(config, layout, plan, opts, start, waited)
@@ -184,14 +187,6 @@ def _ensure(config: Config, key: str, options: EnsureOptions | None) -> EnsureRe
                 with contextlib.suppress(ProvisionerError, OSError):
                     clean_partial_entries(layout.package_cache)
                 raise
-
-
-def _discard(layout: HomeLayout, path: Path) -> None:
-    """Move ``path`` into the trash (a rename), then delete it."""
-    layout.trash.mkdir(parents=True, exist_ok=True)
-    trashed = layout.trash / f"{path.parent.name}.{path.name}.{secrets.token_hex(4)}"
-    fsops.rename_with_retry(path, trashed)
-    fsops.safe_rmtree(trashed, require_marker=False)
 
 
 def _dry_run(config: Config, plan: EnsurePlan, opts: EnsureOptions, start: float) -> EnsureResult:
@@ -307,10 +302,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     except BaseException:
         with contextlib.suppress(OSError):  # must not hide the error that got us here
             orphans.stop_build_processes(target)
-        if target != final or not final.exists():
-            fsops.safe_rmtree(target)
-        else:
-            _discard(layout, final)
+        trash.cleanup(layout, target, f"cleaning up the failed build of {plan.key}")  # logs
         raise
     finally:
         scope.close()
@@ -369,7 +361,7 @@ def _promote(config: Config, target: Path, final: Path) -> None:
                 raise
             log.info("staging and envs are on different filesystems; promoting by copy")
     fsops.copy_tree_into(target, final)
-    fsops.safe_rmtree(target)
+    trash.cleanup(HomeLayout(config.home), target, "removing the copied staging dir")
 
 
 def _check_promoted(layout: HomeLayout, plan: EnsurePlan, imports: tuple[str, ...],
@@ -382,7 +374,6 @@ def _check_promoted(layout: HomeLayout, plan: EnsurePlan, imports: tuple[str, ..
         fsops.replace_pointer(layout.pointer(plan.key), previous)
     else:
         fsops.remove_file(layout.pointer(plan.key))
-    with contextlib.suppress(ProvisionerError):
-        _discard(layout, plan.prefix)
+    trash.cleanup(layout, plan.prefix, f"discarding the broken {plan.key}", require_marker=False)
     raise BuildError(f"{plan.key}: the promoted env does not run from {plan.prefix}: "
                      + "; ".join(report.problems))

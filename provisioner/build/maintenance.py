@@ -20,10 +20,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
-from provisioner import fsops
-from provisioner.build import orphans
 from provisioner.build.env_checks import check_files, check_records
 from provisioner.build.fingerprint import in_progress_path, read_fingerprint
 from provisioner.build.home_checks import (
@@ -37,6 +34,7 @@ from provisioner.build.layout import HomeLayout, generation_name, read_pointer
 from provisioner.build.leases import exclusive_lease, remove_lease_file
 from provisioner.build.plan import locked_hash
 from provisioner.build.retention import judge_generations
+from provisioner.build.trash import Collector, GcInUse, GcItem, GcSkip
 from provisioner.config import Config
 from provisioner.errors import LockTimeoutError, ProvisionerError, UserError
 from provisioner.keys import validate_env_key
@@ -47,9 +45,6 @@ from provisioner.lock.platforms import host_platform
 _EXAMPLES = 3
 # ``<key>.<generation>.<random hex>``: staging dirs and trash entries of a key.
 _KEYED_NAME_RE = re.compile(r"(?P<key>.+)\.(?P<gen>[0-9a-f]{12})\.(?P<token>[0-9a-f]+)")
-
-GcKind = Literal["staging", "trash", "generation", "cache-partial"]
-
 
 # --------------------------------------------------------------------------- verify
 
@@ -173,31 +168,6 @@ def _as_list(value: object) -> list[object]:
 
 
 @dataclass(frozen=True)
-class GcItem:
-    """One path that ``gc`` removed (or, in a dry run, would remove)."""
-
-    kind: GcKind
-    path: Path
-    bytes: int
-    key: str | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        return {"kind": self.kind, "key": self.key, "path": str(self.path), "bytes": self.bytes}
-
-
-@dataclass(frozen=True)
-class GcSkip:
-    """One path (or key) that ``gc`` left alone, and why."""
-
-    path: Path
-    reason: str
-    key: str | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        return {"key": self.key, "path": str(self.path), "reason": self.reason}
-
-
-@dataclass(frozen=True)
 class GcReport:
     """What ``gc`` removed, kept and skipped."""
 
@@ -207,6 +177,7 @@ class GcReport:
     kept: tuple[Path, ...] = ()
     skipped: tuple[GcSkip, ...] = ()
     why_kept: tuple[GcSkip, ...] = ()
+    in_use: tuple[GcInUse, ...] = ()  # held open by another process: the next gc retries
 
     @property
     def bytes_freed(self) -> int:
@@ -221,6 +192,7 @@ class GcReport:
             "kept": [str(p) for p in self.kept],
             "why_kept": [k.to_dict() for k in self.why_kept],
             "skipped": [s.to_dict() for s in self.skipped],
+            "in_use": [i.to_dict() for i in self.in_use],
         }
 
 
@@ -231,29 +203,6 @@ class _KeyWork:
     staging: list[Path] = field(default_factory=list)
     trash: list[Path] = field(default_factory=list)
     has_envs: bool = False
-
-
-@dataclass
-class _Collector:
-    dry_run: bool
-    removed: list[GcItem] = field(default_factory=list)
-    kept: list[GcSkip] = field(default_factory=list)
-    skipped: list[GcSkip] = field(default_factory=list)
-
-    def remove(self, kind: GcKind, path: Path, key: str | None) -> bool:
-        size = fsops.tree_size(path)
-        if not self.dry_run:
-            try:
-                if kind == "staging":  # its build is dead: stop what it left running first
-                    orphans.stop_build_processes(path)
-                # Only trash entries may lack the marker: they were renamed there by
-                # provisioner, and a partly deleted tree may have lost it already.
-                fsops.safe_rmtree(path, require_marker=kind not in ("trash", "cache-partial"))
-            except (ProvisionerError, OSError) as exc:
-                self.skipped.append(GcSkip(path, f"could not remove: {exc}", key))
-                return False
-        self.removed.append(GcItem(kind, path, size, key))
-        return True
 
 
 def _list(directory: Path) -> list[Path]:
@@ -292,7 +241,7 @@ def _key_lock(layout: HomeLayout, key: str, dry_run: bool) -> Iterator[bool]:
         yield free
 
 
-def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: _Collector,
+def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: Collector,
                  keep: int) -> None:
     with _key_lock(layout, key, out.dry_run) as free:
         if not free:
@@ -325,7 +274,7 @@ def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: _Collector,
                     remove_lease_file(layout, key, gen.name)
 
 
-def _collect_partial_cache_entries(layout: HomeLayout, out: _Collector) -> None:
+def _collect_partial_cache_entries(layout: HomeLayout, out: Collector) -> None:
     from provisioner.build.package_cache import cache_lock, partial_entries
 
     found = partial_entries(layout.package_cache)
@@ -349,7 +298,10 @@ def collect_garbage(config: Config, *, dry_run: bool = False,
     ``created_at``, or the dir's mtime without one). Each key is handled while
     holding its lock (taken without waiting, so a busy key is skipped); a dry
     run only probes the locks. Sizes are measured before removal, hard links
-    counted once per tree. Deletion goes through :func:`fsops.safe_rmtree`.
+    counted once per tree. Deletion goes through :mod:`provisioner.build.trash`:
+    a generation or staging dir is renamed into ``.trash/`` first, then deleted
+    marker last; files another process holds open are reported in ``in_use``
+    (and one log line) and left, marked, for the next ``gc``.
 
     ``keep`` (default: ``[gc] keep`` of the config) previous generations per
     key are kept for rollback, and a leased generation is never removed
@@ -364,7 +316,7 @@ def collect_garbage(config: Config, *, dry_run: bool = False,
         raise UserError(f"gc keep must be 0 or more, not {keep}")
     if not dry_run:
         check_home(layout)
-    out = _Collector(dry_run=dry_run)
+    out = Collector(layout, dry_run=dry_run)
     work: dict[str, _KeyWork] = {}
 
     for path in _list(layout.staging):
@@ -392,8 +344,9 @@ def collect_garbage(config: Config, *, dry_run: bool = False,
     for key in sorted(work):
         _collect_key(layout, key, work[key], out, keep)
     _collect_partial_cache_entries(layout, out)
+    out.log_in_use()
     return GcReport(
         home=config.home, dry_run=dry_run, removed=tuple(out.removed),
         kept=tuple(k.path for k in out.kept), skipped=tuple(out.skipped),
-        why_kept=tuple(out.kept),
+        why_kept=tuple(out.kept), in_use=tuple(out.in_use),
     )

@@ -165,5 +165,8 @@ def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, keep: int | 
         click.echo(f"keep {kept.path}: {kept.reason}")
     for skip in report.skipped:
         click.echo(f"skipped {skip.path}: {skip.reason}")
+    for held in report.in_use:
+        click.echo(f"in use  {held.path}: {len(held.files)} file(s) held open by another "
+                   "process (e.g. " + held.files[0] + "); the next gc retries it")
     freed = "would free" if dry_run else "freed"
     click.echo(f"{freed} {report.bytes_freed} bytes in {len(report.removed)} path(s)")

@@ -259,8 +259,20 @@ def _delete_legacy(config: Config, directory: Path) -> int:
         raise UserError(f"refusing to delete {directory}: not a legacy env inside {root}")
     started = time.monotonic()
     size = fsops.tree_size(directory)
+    from provisioner.build.trash import discard
+
     fsops.write_marker(directory, ADOPTED_ROLE)
-    fsops.safe_rmtree(directory)
+    try:  # one rename out of the legacy root: never a venv that lost its pyvenv.cfg
+        gone = discard(HomeLayout(config.home), directory, stem=f"legacy.{directory.name}",
+                       in_place_ok=True)
+    except fsops.InUseError:
+        fsops.remove_file(directory / fsops.MARKER_NAME)  # nothing moved: leave it as it was
+        raise
+    if gone.in_use and gone.trashed == directory:
+        raise fsops.InUseError(directory, gone.in_use)
+    if gone.in_use:
+        log.warning("%d file(s) of %s are in use by another process; they stay in %s until "
+                    "the next 'provisioner gc'", len(gone.in_use), directory, gone.trashed)
     log.info("deleted %s (%d bytes) in %.2f s", directory, size, time.monotonic() - started)
     return size
 

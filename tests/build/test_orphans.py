@@ -24,6 +24,7 @@ import pytest
 
 from provisioner.build.fingerprint import in_progress_path
 from provisioner.build.layout import HomeLayout, python_path, read_pointer
+from provisioner.build.maintenance import collect_garbage
 from provisioner.build.orphans import read_record
 from provisioner.config import load_config
 from provisioner.fsops import MARKER_NAME
@@ -161,6 +162,11 @@ def _staging(home: Path) -> list[Path]:
     return sorted(staging.iterdir()) if staging.is_dir() else []
 
 
+def _trash(home: Path) -> list[Path]:
+    trash = HomeLayout(home).trash
+    return sorted(trash.iterdir()) if trash.is_dir() else []
+
+
 def _kill_during_import(project: Path, home: Path, pids_dir: Path) -> dict[str, int]:
     """Start ensure, SIGKILL it while the import check sleeps; return the import's pids."""
     proc = _start(project, _env(home, pids_dir, SLOWIMPORT_SECONDS="120"))
@@ -212,11 +218,17 @@ def test_kill9_during_import_then_during_cleanup(project: Path, tmp_path: Path) 
         proc.communicate(timeout=WAIT_S)
         assert proc.returncode == -signal.SIGKILL
         assert _wait_gone(first) == []
-        assert stale.is_dir() and (stale / MARKER_NAME).is_file(), "the marker goes last"
-        assert in_progress_path(stale).exists()
+        # Moved into the trash whole (one rename), then killed mid-delete there.
+        assert not stale.exists() and _staging(home) == []
+        [trashed] = _trash(home)
+        assert trashed.name.startswith(stale.name.rpartition(".")[0] + ".")
+        assert (trashed / MARKER_NAME).is_file(), "the marker goes last"
+        assert in_progress_path(trashed).exists(), "and the in-progress marker after the rest"
 
         _assert_complete(project, home, tmp_path / "pids-3")
-        assert not stale.exists()
+        report = collect_garbage(load_config(project, home=home, environ={}))
+        assert [(i.kind, i.path) for i in report.removed] == [("trash", trashed)]
+        assert _trash(home) == [] and report.in_use == ()
     finally:
         _kill_all(first)
 
@@ -231,7 +243,8 @@ def test_kill9_while_removing_a_failed_build(project: Path, tmp_path: Path) -> N
         assert proc.returncode == -signal.SIGKILL  # killed in the cleanup of the failed build
         first = _pids(tmp_path / "pids-1")
         assert _wait_gone(first) == [], "the failed build stopped its writers before removal"
-        [stale] = _staging(home)
+        assert _staging(home) == []  # moved into the trash whole, then killed there
+        [stale] = _trash(home)
         assert (stale / MARKER_NAME).is_file()
         _assert_complete(project, home, tmp_path / "pids-2")
     finally:
@@ -269,7 +282,6 @@ def test_import_check_timeout_is_its_own_error(project: Path, tmp_path: Path) ->
 
 def test_gc_stops_what_a_dead_build_left_before_removing_it(tmp_path: Path) -> None:
     from provisioner import fsops
-    from provisioner.build.maintenance import collect_garbage
     from provisioner.build.orphans import build_tag, mark_building
     from provisioner.processes import BUILD_DIR_ENV
 
