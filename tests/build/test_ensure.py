@@ -426,6 +426,41 @@ def test_failed_import_check_leaves_nothing(project: SampleProject, tmp_path: Pa
     assert not layout.key_dir(CPU).exists() or not any(layout.key_dir(CPU).iterdir())
 
 
+def test_a_cleanup_that_hits_files_in_use_never_hides_the_build_error(
+        project: SampleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        logs: pytest.LogCaptureFixture) -> None:
+    root = copy_project(project, tmp_path)
+    spec = root / "environment-specs" / f"{CPU}.yml"
+    replace_in_file(spec, "  - torch\n  - transformers\n",
+                    "  - torch\n  - transformers\n  - no_such_module_xyz\n")
+    config = config_for(root, tmp_path)
+    layout = HomeLayout(config.home)
+    real_unlink = os.unlink
+
+    def unlink(path: str, *args: object, **kwargs: object) -> None:
+        # What Windows says for a file a scanner (or a leftover process) holds open.
+        if str(layout.trash) in os.fspath(path) and "conda-meta" in os.fspath(path):
+            exc = PermissionError(errno.EACCES, "in use", os.fspath(path))
+            exc.winerror = 32  # type: ignore[attr-defined]
+            raise exc
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(fsops, "DELETE_RETRY_BUDGET_S", 0.1)
+    with pytest.raises(ImportCheckError, match="no_such_module_xyz"):
+        ensure(config, CPU)
+    assert "in use" in logs.text and "failed build" in logs.text
+    assert staging_entries(layout) == [] and read_pointer(layout, CPU) is None
+    [left] = list(layout.trash.iterdir())
+    assert (left / fsops.MARKER_NAME).is_file()
+
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    from provisioner.build.maintenance import collect_garbage
+
+    report = collect_garbage(config)
+    assert [i.path for i in report.removed] == [left] and not any(layout.trash.iterdir())
+
+
 # --- integrity -----------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 from legacy_venvs import make_migratable_venv, site_packages
 
+from provisioner import fsops
 from provisioner.build.ensure import ensure
 from provisioner.build.layout import HomeLayout
+from provisioner.build.maintenance import collect_garbage
 from provisioner.config import Config
 from provisioner.errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR, UserError
 from provisioner.models.migrate import _delete_legacy, migrate, plan_migration, shared_state
@@ -120,6 +123,68 @@ def test_delete_refuses_a_dir_that_is_not_a_discovered_legacy_env(
     with pytest.raises(UserError, match="refusing"):
         _delete_legacy(config, outside)
     assert outside.is_dir()
+
+
+def _in_use(path: str) -> PermissionError:
+    exc = PermissionError(errno.EACCES, "The process cannot access the file", path)
+    exc.winerror = 32  # type: ignore[attr-defined]  # what Windows says for a running python
+    return exc
+
+
+def test_delete_moves_the_venv_out_whole_and_leaves_files_in_use_to_gc(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
+    real_unlink = os.unlink
+
+    def unlink(path: str, *args: object, **kwargs: object) -> None:
+        if os.path.basename(path).startswith("python"):  # the interpreter is running
+            raise _in_use(path)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(fsops, "DELETE_RETRY_BUDGET_S", 0.1)
+    assert _delete_legacy(config, llama) > 0
+    assert not llama.exists(), "the legacy root never holds a half-deleted venv"
+    [trashed] = list(HomeLayout(config.home).trash.iterdir())
+    assert trashed.name.startswith(f"legacy.{llama.name}.")
+    assert (trashed / ".venv" / "pyvenv.cfg").is_file() and (trashed / fsops.MARKER_NAME).is_file()
+    left = {p.name for p in trashed.rglob("*") if not p.is_dir() or p.is_symlink()}
+    assert all(n.startswith("python") or n in ("pyvenv.cfg", fsops.MARKER_NAME) for n in left)
+
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert [i.path for i in collect_garbage(config).removed] == [trashed]
+
+
+def test_delete_refused_by_a_running_python_changes_nothing(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
+    before = sorted(p.relative_to(llama) for p in llama.rglob("*"))
+    real_rename = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        if os.fspath(src) == str(llama):
+            raise _in_use(os.fspath(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(fsops.InUseError):
+        _delete_legacy(config, llama)
+    assert sorted(p.relative_to(llama) for p in llama.rglob("*")) == before  # no marker left
+
+
+def test_delete_across_filesystems_deletes_in_place(config: Config,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    llama = make_migratable_venv(legacy_root(config), LLAMA)
+    real_rename = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        if os.fspath(src) == str(llama):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", os.fspath(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    assert _delete_legacy(config, llama) > 0
+    assert not llama.exists()
 
 
 # --------------------------------------------------------------------------- CLI
