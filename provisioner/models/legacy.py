@@ -62,6 +62,28 @@ def venv_python(venv: Path) -> tuple[Path | None, str]:
     return None, "windows" if (venv / "Scripts").is_dir() else "posix"
 
 
+def base_interpreter(venv: Path, layout: str) -> Path | None:
+    """The base interpreter named by the ``home =`` line of the venv's ``pyvenv.cfg``.
+
+    On Windows a venv's ``Scripts\\python.exe`` is a copy of a redirector that
+    starts ``<home>\\python.exe``: uninstalling the base Python leaves the venv's
+    own files untouched. ``None`` without a readable ``home``; a missing base is
+    returned all the same (its absence is what a health signature must see).
+    """
+    try:
+        text = (venv / "pyvenv.cfg").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    home = next((value.strip() for key, sep, value in
+                 (line.partition("=") for line in text.splitlines())
+                 if sep and key.strip().lower() == "home" and value.strip()), None)
+    if home is None:
+        return None
+    names = ("python.exe",) if layout == "windows" else ("python3", "python")
+    found = [Path(home) / n for n in names]
+    return next((p for p in found if p.exists()), found[0])
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())

@@ -1,8 +1,9 @@
 """Cached facts for the resolve hot path, keyed by the stat signatures of their inputs.
 
 Model -> key (by every spec file's signature), a lock's content hash (by the
-lockfile's), and a legacy venv's health (by its interpreter's and
-site-packages' signatures, with a TTL) live in the state file, so a repeated
+lockfile's), and a legacy venv's health (by its interpreter's, its base
+interpreter's (``home =`` in ``pyvenv.cfg``) and site-packages' signatures,
+with a TTL) live in the state file, so a repeated
 resolution costs a few ``stat`` calls and no YAML, solver or subprocess.
 """
 
@@ -18,7 +19,7 @@ from provisioner.build.layout import IN_PROGRESS_NAME, HomeLayout, python_path, 
 from provisioner.config import Config
 from provisioner.errors import ProvisionerError
 from provisioner.lock.lockfile import lockfile_path
-from provisioner.models.legacy import LegacyEnv
+from provisioner.models.legacy import LegacyEnv, base_interpreter
 from provisioner.models.probe import Health
 from provisioner.models.state import StateFile, stat_signature
 
@@ -97,9 +98,11 @@ def active_env(config: Config, key: str) -> tuple[Path, str, str | None] | None:
 def cached_health(config: Config, state: StateFile, env: LegacyEnv, provides: tuple[str, ...],
                   imports: tuple[str, ...], *, refresh: bool = False) -> tuple[Health, bool]:
     """Health of a legacy venv: the cached verdict while the venv is unchanged and fresh."""
+    base = base_interpreter(env.venv, env.layout)  # uninstalling it breaks the venv
     signature = [stat_signature(env.python) if env.python else None,
                  stat_signature(env.venv), _site_signature(env.venv),
-                 list(provides), list(imports)]
+                 list(provides), list(imports),
+                 [str(base), stat_signature(base)] if base else None]
     entry = state.section("health").get(str(env.venv))
     now = time.time()
     if (not refresh and isinstance(entry, dict) and entry.get("sig") == signature

@@ -11,6 +11,7 @@ import pytest
 from legacy_venvs import clone_venv, create_venv
 
 from provisioner.models.legacy import (
+    base_interpreter,
     discover_legacy,
     env_id_for_model,
     legacy_for_model,
@@ -165,3 +166,21 @@ def test_sorted_by_model_id(base_venv: Path, root: Path) -> None:
     for env_id in ("zeta", "alpha--b", "mid"):
         _venv(base_venv, root, env_id)
     assert [e.model_id for e in discover_legacy(root)] == ["alpha/b", "mid", "zeta"]
+
+
+def test_base_interpreter_is_the_python_named_by_home(tmp_path: Path) -> None:
+    venv = tmp_path / ".venv"
+    venv.mkdir()
+    assert base_interpreter(venv, "windows") is None  # no pyvenv.cfg
+    (venv / "pyvenv.cfg").write_text("include-system-site-packages = false\n", encoding="utf-8")
+    assert base_interpreter(venv, "posix") is None  # no home line
+    base = tmp_path / "Python311"
+    (venv / "pyvenv.cfg").write_text(
+        f"Home  =  {base}  \r\nversion = 3.11.7\r\nexecutable = /elsewhere/python3.11\r\n",
+        encoding="utf-8")
+    # Missing bases are returned too: their absence is what the health signature records.
+    assert base_interpreter(venv, "windows") == base / "python.exe"
+    assert base_interpreter(venv, "posix") == base / "python3"
+    base.mkdir()
+    (base / "python").write_text("", encoding="utf-8")
+    assert base_interpreter(venv, "posix") == base / "python"

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from legacy_venvs import HEALTHY, OUTDATED, add_simple, create_venv, make_legacy, site_packages
+from legacy_venvs import (
+    HEALTHY,
+    OUTDATED,
+    add_simple,
+    create_venv,
+    make_legacy,
+    populate,
+    site_packages,
+)
 from winsupport import needs_symlinks, venv_interpreter
 
 from provisioner.build.layout import HomeLayout, python_path, read_pointer
@@ -474,6 +482,34 @@ def test_health_ttl_expiry_reprobes(world: World, popen_calls: list[object]) -> 
         res = world.resolve(MISTRAL)
         assert res.source == "legacy" and "(cached)" not in res.attempts[-1].detail
         assert len(popen_calls) == n
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the base is a symlinked python3; on "
+                    "Windows a symlinked python.exe does not find its standard library")
+def test_uninstalling_the_base_python_invalidates_cached_health(
+        world: World, popen_calls: list[object], tmp_path: Path) -> None:
+    """The venv's own interpreter is a copy (as ``Scripts\\python.exe`` is on Windows):
+    removing the base Python named by ``home =`` in ``pyvenv.cfg`` changes nothing
+    in the venv, yet its cached "healthy" must not be served again."""
+    base_dir = tmp_path / "base-python" / "bin"
+    base_dir.mkdir(parents=True)
+    (base_dir / "python3").symlink_to(os.path.realpath(sys._base_executable))  # type: ignore[attr-defined]
+    venv = tmp_path / "environments" / "local_mistralai--Mistral-7B-v0.1" / ".venv"
+    subprocess.run([str(base_dir / "python3"), "-m", "venv", "--copies", "--without-pip",
+                    str(venv)], check=True, capture_output=True, timeout=120)
+    assert f"home = {base_dir}" in (venv / "pyvenv.cfg").read_text(encoding="utf-8")
+    assert not (venv / "bin" / "python").is_symlink()
+    populate(venv, HEALTHY)
+    popen_calls.clear()
+    assert world.resolve(MISTRAL).source == "legacy"
+    assert "(cached)" in world.resolve(MISTRAL).attempts[-1].detail
+    assert len(popen_calls) == 1
+    before = (venv / "bin" / "python").stat()
+
+    (base_dir / "python3").unlink()  # the base Python is uninstalled
+    assert (venv / "bin" / "python").stat() == before  # the venv's own files did not change
+    res = world.resolve(MISTRAL)
+    assert "(cached)" not in res.attempts[-1].detail and len(popen_calls) == 2
 
 
 def test_a_model_without_an_env_key_is_served_by_its_working_old_venv(world: World) -> None:
