@@ -198,3 +198,39 @@ def test_stat_signature(tmp_path: Path) -> None:
     assert sig is not None and sig[0] == 3
     f.write_text("abcd", encoding="utf-8")
     assert stat_signature(f) != sig
+
+
+def test_a_failed_load_is_never_saved_over(path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Windows: another process's os.replace holds the file (WinError 32) past the retries."""
+    import builtins
+
+    from provisioner import paths
+
+    first = StateFile(path)
+    first.put("models", "kept", {"env_key": "k"})
+    first.save()
+    before = path.read_bytes()
+    held = {"on": True}
+
+    def sharing_violation(file: object, *args: object, **kwargs: object) -> object:
+        if held["on"] and os.fspath(file) == str(path):  # type: ignore[call-overload]
+            exc = PermissionError(13, "The process cannot access the file", str(path))
+            exc.winerror = 32  # type: ignore[attr-defined]
+            raise exc
+        return builtins.open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(paths, "open", sharing_violation, raising=False)
+    monkeypatch.setattr(paths, "READ_RETRY_BUDGET_S", 0.05)
+    with caplog.at_level(logging.WARNING, logger="provisioner.models.state"):
+        state = StateFile(path)
+        assert state.section("models") == {}  # works from an empty state...
+        state.put("models", "new", {"env_key": "n"})
+        state.save()  # ...and its save re-reads, fails again, and writes nothing
+    assert path.read_bytes() == before
+    assert "cannot read state file" in caplog.text and "could not save" in caplog.text
+
+    held["on"] = False  # the other process is done: the change merges into what is there
+    state.save()
+    merged = StateFile(path).section("models")
+    assert merged == {"kept": {"env_key": "k"}, "new": {"env_key": "n"}}
