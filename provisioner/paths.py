@@ -79,7 +79,7 @@ def tree_size(path: Path) -> int:
     tree is counted once. A missing ``path`` has size 0.
     """
     try:
-        st = os.lstat(path)
+        st = os.lstat(os_path(path))
     except FileNotFoundError:
         return 0
     if not stat.S_ISDIR(st.st_mode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,3 +45,36 @@ def config(shared_project: Path, tmp_path: Path) -> Config:
     (tmp_path / "legacy").mkdir()
     return load_config(shared_project, home=tmp_path / "home", environ={}).with_overrides(
         legacy_root=tmp_path / "legacy")
+
+
+class LongSpelling:
+    """Windows without long paths: a path reaches the disk only in its ``\\\\?\\`` spelling.
+
+    ``plain`` (under a directory that does not exist) stands for an env's path as
+    a user writes it, past 260 characters; ``os_path`` of the patched modules maps
+    it to ``real``, as the extended-length spelling does on Windows. A walk that
+    skips ``os_path`` finds nothing there.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        self.monkeypatch = monkeypatch
+        self.plain = tmp_path / "not-reachable-without-the-prefix" / "env"
+        self.mapped: list[str] = []
+
+    def route(self, real: Path, *modules: object) -> Path:
+        def os_path(path: str | os.PathLike[str]) -> str:
+            text = os.fspath(path)
+            if text == str(self.plain) or text.startswith(str(self.plain) + os.sep):
+                self.mapped.append(text)
+                return str(real) + text[len(str(self.plain)):]
+            return text
+
+        for module in modules:
+            self.monkeypatch.setattr(module, "os_path", os_path)
+        return self.plain
+
+
+@pytest.fixture
+def long_spelling(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> LongSpelling:
+    """See :class:`LongSpelling`."""
+    return LongSpelling(monkeypatch, tmp_path)

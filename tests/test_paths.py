@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import LongSpelling
 
 from provisioner import fsops, paths
 from provisioner.models.state import StateFile
@@ -134,3 +135,13 @@ def test_a_failed_state_load_is_never_saved_over(tmp_path: Path,
     state.save()  # now the change is merged into what is on disk, not over it
     saved = json.loads(path.read_text(encoding="utf-8"))
     assert saved["models"] == {"org/m": {"key": "k"}, "org/other": {"key": "k2"}}
+
+
+def test_tree_size_uses_the_extended_length_spelling(tmp_path: Path,
+                                                     long_spelling: LongSpelling) -> None:
+    real = tmp_path / "env"
+    (real / "Lib" / "site-packages").mkdir(parents=True)
+    (real / "Lib" / "site-packages" / "big.dll").write_bytes(b"x" * 300)
+    (real / "python.exe").write_bytes(b"x" * 20)
+    plain = long_spelling.route(real, paths)
+    assert not plain.exists() and paths.tree_size(plain) == 320

@@ -24,6 +24,7 @@ from pathlib import Path
 from provisioner import processes
 from provisioner.lock.lockfile import LockedPackage
 from provisioner.lock.platforms import is_windows_platform
+from provisioner.paths import os_path
 
 IMPORT_TIMEOUT_S = 300.0
 IMPORT_TIMEOUT_ENV = "PROVISIONER_IMPORT_TIMEOUT"
@@ -63,7 +64,7 @@ def site_packages(prefix: Path, python_version: str, platform: str) -> Path:
 
 
 def _records(prefix: Path) -> dict[str, dict[str, object]]:
-    meta = prefix / "conda-meta"
+    meta = Path(os_path(prefix)) / "conda-meta"  # extended-length on Windows, as every walk
     result: dict[str, dict[str, object]] = {}
     if not meta.is_dir():
         return result
@@ -106,6 +107,7 @@ def check_files(prefix: Path, *, deep: bool = False) -> CheckReport:
     missing: list[str] = []
     altered: list[str] = []
     count = 0
+    base = Path(os_path(prefix))  # recorded paths may pass 260 characters on Windows
     for name, rec in sorted(_records(prefix).items()):
         paths = rec.get("paths_data")
         entries = paths.get("paths", []) if isinstance(paths, dict) else []
@@ -113,7 +115,7 @@ def check_files(prefix: Path, *, deep: bool = False) -> CheckReport:
             if not isinstance(entry, dict) or not isinstance(entry.get("_path"), str):
                 continue
             count += 1
-            path = prefix / entry["_path"]
+            path = base / entry["_path"]
             if not os.path.lexists(path):
                 missing.append(f"{name}: {entry['_path']}")
                 continue
@@ -210,7 +212,8 @@ def find_staging_path(prefix: Path, staging: str, *, trust_hardlinks: bool = Tru
     """
     needle = staging.encode()
     hits = []
-    for root, _dirs, files in os.walk(prefix):
+    top = os_path(prefix)
+    for root, _dirs, files in os.walk(top):
         for name in files:
             if name.endswith(".pyc"):
                 continue
@@ -221,7 +224,7 @@ def find_staging_path(prefix: Path, staging: str, *, trust_hardlinks: bool = Tru
                     continue
                 with open(path, "rb") as fh:
                     if needle in fh.read():
-                        hits.append(os.path.relpath(path, prefix))
+                        hits.append(os.path.relpath(path, top))
             except OSError:
                 continue
     return sorted(hits)

@@ -25,13 +25,14 @@ from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, read_pointer
 from provisioner.build.maintenance import VerifyReport, verify_env
 from provisioner.config import Config
+from provisioner.paths import os_path
 
 log = logging.getLogger(__name__)
 
 
 def _records(prefix: Path) -> dict[str, dict[str, Any]]:
     out = {}
-    for path in (prefix / "conda-meta").glob("*.json"):
+    for path in (Path(os_path(prefix)) / "conda-meta").glob("*.json"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -53,7 +54,7 @@ def _candidates(path: str) -> list[str]:
 def _from_cache(entry: Path, names: list[str], sha256: str) -> bytes | None:
     for name in names:
         try:
-            data = (entry / name).read_bytes()
+            data = Path(os_path(entry / name)).read_bytes()
         except OSError:
             continue
         if hashlib.sha256(data).hexdigest() == sha256:
@@ -111,14 +112,15 @@ def _restore(config: Config, key: str, prefix: Path, record: dict[str, Any],
     if hashlib.sha256(data).hexdigest() != expected:
         return "the restored bytes do not match the recorded sha256"
     target = prefix / path
+    long = Path(os_path(target))  # extended-length on Windows: env paths pass 260 characters
     mode = None
     try:
-        mode = os.stat(target, follow_symlinks=False).st_mode & 0o7777
+        mode = os.stat(long, follow_symlinks=False).st_mode & 0o7777
     except OSError:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        long.parent.mkdir(parents=True, exist_ok=True)
     fsops.atomic_write_bytes(target, data)
     if mode is not None:
-        os.chmod(target, mode)
+        os.chmod(long, mode)
     return None
 
 

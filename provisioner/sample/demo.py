@@ -20,6 +20,7 @@ from provisioner.config import Config, load_config
 from provisioner.errors import UserError
 from provisioner.models.inventory import Inventory, list_envs
 from provisioner.models.resolve import Resolution, get_env_for_model
+from provisioner.paths import os_path
 
 log = logging.getLogger("provisioner.sample.demo")
 
@@ -151,7 +152,7 @@ def run_demo(root: Path | None = None) -> DemoReport:
 def _hardlinked_bytes(prefix: Path) -> int:
     """Bytes of regular files in ``prefix`` that share their inode with the package cache."""
     total = 0
-    for dirpath, _dirs, files in os.walk(prefix):
+    for dirpath, _dirs, files in os.walk(os_path(prefix)):  # \\?\ on Windows: long paths
         for name in files:
             st = os.lstat(os.path.join(dirpath, name))
             if st.st_nlink > 1 and not os.path.islink(os.path.join(dirpath, name)):

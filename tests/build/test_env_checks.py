@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import LongSpelling
 from winsupport import IS_WINDOWS, fake_executable, needs_symlinks
 
 from provisioner.build.ensure import EnsureResult, ensure
@@ -205,3 +206,17 @@ def test_find_staging_path_skips_hardlinked_cache_files_unless_told(tmp_path: Pa
     (prefix / "own.txt").write_text(staging)
     assert find_staging_path(prefix, staging) == ["own.txt"]
     assert find_staging_path(prefix, staging, trust_hardlinks=False) == ["f.txt", "own.txt"]
+
+
+def test_env_walks_use_the_extended_length_spelling(shared_env: EnsureResult,
+                                                    long_spelling: LongSpelling) -> None:
+    from provisioner.build import env_checks
+
+    direct = check_files(shared_env.prefix, deep=True)
+    leaks = find_staging_path(shared_env.prefix, CPU)
+    plain = long_spelling.route(shared_env.prefix, env_checks)
+    assert not plain.exists()
+    through = check_files(plain, deep=True)
+    assert through.ok, through.problems
+    assert through.checked == direct.checked > 10
+    assert find_staging_path(plain, CPU) == leaks != []

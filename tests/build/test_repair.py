@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from conftest import LongSpelling
 from winsupport import IS_WINDOWS
 
 from provisioner.build.ensure import ensure
@@ -70,3 +71,15 @@ def test_cli_verify_repair(config: Config, tmp_path: Path) -> None:
     result = runner.invoke(cli, [*args, "--repair"])
     assert result.exit_code == 0, result.output
     assert "deep" in result.output
+
+
+def test_records_are_read_by_the_extended_length_spelling(tmp_path: Path,
+                                                          long_spelling: LongSpelling) -> None:
+    from provisioner.build import repair
+
+    real = tmp_path / "env"
+    (real / "conda-meta").mkdir(parents=True)
+    (real / "conda-meta" / "torch-2.2.1-0.json").write_text('{"name": "torch"}',
+                                                            encoding="utf-8")
+    plain = long_spelling.route(real, repair)
+    assert not plain.exists() and list(repair._records(plain)) == ["torch"]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import LongSpelling
 
 from provisioner.errors import UserError
 from provisioner.sample.demo import run_demo
@@ -56,3 +57,18 @@ def test_demo_command_prints_every_scenario(tmp_path: Path) -> None:
     assert "using healthy old per-model environment (migration fallback)" in result.stderr
     assert "new env creation failed, using old environment in degraded mode" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_hardlinked_bytes_use_the_extended_length_spelling(tmp_path: Path,
+                                                           long_spelling: LongSpelling) -> None:
+    from provisioner.sample import demo
+
+    cache = tmp_path / "pkgs" / "torch-2.2.1-0"
+    cache.mkdir(parents=True)
+    (cache / "torch_cpu.dll").write_bytes(b"x" * 500)
+    real = tmp_path / "env"
+    (real / "Lib").mkdir(parents=True)
+    os.link(cache / "torch_cpu.dll", real / "Lib" / "torch_cpu.dll")
+    (real / "own.txt").write_bytes(b"y" * 7)
+    plain = long_spelling.route(real, demo)
+    assert not plain.exists() and demo._hardlinked_bytes(plain) == 500
