@@ -8,7 +8,8 @@ relative to the project directory.
 
 Example ``provisioner.toml``::
 
-    home = ".provisioner"               # where envs are built (default: per-user data dir)
+    home = ".provisioner"               # where envs are built (default: per-user data dir;
+                                        # %LOCALAPPDATA%\\pvn on Windows, see default_home)
     backend = "rattler"                 # or "micromamba", "mamba", "conda"
     channel-root = "tests/data/conda-mirror"  # <root>/<channel name> mirrors each channel
 
@@ -157,15 +158,34 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def default_home() -> Path:
-    """The per-user data directory used when no home is configured."""
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
-        return Path(base) / "provisioner"
-    if sys.platform == "darwin":
+#: the Windows home's folder name: short, because every env, staging and cache path starts
+#: with the home, and Windows paths stop at 260 characters unless long paths are enabled
+WINDOWS_HOME_NAME = "pvn"
+
+
+def default_home(platform: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> Path:
+    """The per-user data directory used when no home is configured.
+
+    On Windows ``%LOCALAPPDATA%\\pvn`` (:data:`WINDOWS_HOME_NAME`), 8 characters
+    shorter than the earlier ``%LOCALAPPDATA%\\provisioner``, which is kept where
+    it already exists (its envs stay where they are). Never a drive root such
+    as ``C:\\pvn``, however short: a folder made there inherits the root's ACL,
+    which lets every authenticated user change it, so another user could put
+    code into the envs. Where even the short default leaves too little room
+    (a long user name), the build's ``MAX_PATH`` check refuses with a hint
+    to set ``PROVISIONER_HOME``. ``platform`` and ``environ`` default to this host's.
+    """
+    platform = sys.platform if platform is None else platform
+    env = os.environ if environ is None else environ
+    if platform == "win32":
+        base = Path(env.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local"))
+        earlier = base / "provisioner"
+        return earlier if earlier.is_dir() else base / WINDOWS_HOME_NAME
+    if platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "provisioner"
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "provisioner"
+    base = Path(env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share"))
+    return base / "provisioner"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,24 @@ def test_default_home_is_per_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "xdg"))
     home = default_home()
-    assert home.name == "provisioner"
+    assert home.name == ("pvn" if sys.platform == "win32" else "provisioner")
     if home.parent != tmp_path / "xdg":  # macOS ignores both variables
         assert Path.home() in home.parents
+
+
+def test_windows_default_home_is_short_and_keeps_an_earlier_one(tmp_path: Path) -> None:
+    local = tmp_path / "AppData" / "Local"
+    environ = {"LOCALAPPDATA": str(local), "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    home = default_home("win32", environ)
+    assert home == local / "pvn"
+    assert len(str(home)) == len(str(local / "provisioner")) - 8  # every env path is shorter
+    assert default_home("linux", environ) == tmp_path / "xdg" / "provisioner"
+    (local / "provisioner" / "envs").mkdir(parents=True)  # a home the earlier default made
+    assert default_home("win32", environ) == local / "provisioner"
+    (local / "provisioner" / "envs").rmdir()
+    (local / "provisioner").rmdir()
+    (local / "provisioner").write_text("not a home", encoding="utf-8")
+    assert default_home("win32", environ) == local / "pvn"
 
 
 def test_project_defaults_to_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
