@@ -174,10 +174,9 @@ def _ensure(config: Config, key: str, options: EnsureOptions | None) -> EnsureRe
                 trash.cleanup(layout, stale, f"removing interrupted build {stale.name}")
         if plan.prefix.exists():
             orphans.stop_build_processes(plan.prefix)  # an in-place (conda) build
-            gone = trash.discard(layout, plan.prefix, require_marker=False)  # out of the way
-            if gone.in_use:
-                log.warning("%d file(s) of the old %s are in use; 'provisioner gc' removes "
-                            "them from %s later", len(gone.in_use), plan.prefix, gone.trashed)
+            # Out of the way first (a refusal fails the build); deleting it never does.
+            trashed = trash.move_to_trash(layout, plan.prefix, require_marker=False)
+            trash.purge(trashed, f"removing the unfinished {plan.key} {plan.prefix.name}")
         with interruptible():
             try:
                 return _build(config, layout, plan, opts, start, waited)

@@ -54,16 +54,15 @@ def _stem(layout: HomeLayout, path: Path) -> str:
     return f"{path.parent.name}.{path.name}"
 
 
-def discard(layout: HomeLayout, path: Path, *, stem: str | None = None,
-            require_marker: bool = True, in_place_ok: bool = False) -> Discarded:
-    """Move ``path`` into the trash with one rename, then delete it there.
+def move_to_trash(layout: HomeLayout, path: Path, *, stem: str | None = None,
+                  require_marker: bool = True, in_place_ok: bool = False) -> Path:
+    """Rename ``path`` into the trash (one rename) and return where it is now.
 
     Raises :class:`~provisioner.fsops.InUseError` when another process's open
     files refuse the rename (nothing moved), :class:`~provisioner.fsops.UnsafeDeleteError`
     for a link, a non-directory, or (``require_marker``) an unmarked tree. With
-    ``in_place_ok``, a tree on another filesystem than the home is deleted
-    where it is (marker last). Files still in use after the retries are
-    returned in :attr:`Discarded.in_use`; they stay in the trash for ``gc``.
+    ``in_place_ok``, a tree on another filesystem than the home stays where it
+    is (``path`` comes back) and is deleted there.
     """
     if not is_real_directory(path):
         raise fsops.UnsafeDeleteError(f"refusing to delete {path}: it is not a directory "
@@ -80,20 +79,41 @@ def discard(layout: HomeLayout, path: Path, *, stem: str | None = None,
             raise fsops.InUseError(path, [str(path)]) from exc
         if not (in_place_ok and exc.errno == errno.EXDEV):
             raise
-        trashed = path
-    try:
-        fsops.safe_rmtree(trashed, require_marker=trashed == path, last=LAST_PATHS)
-    except fsops.InUseError as exc:
-        return Discarded(path, trashed, exc.in_use)
-    return Discarded(path, trashed)
+        return path
+    return trashed
 
 
-def _delete_here(path: Path) -> Discarded:
+def discard(layout: HomeLayout, path: Path, *, stem: str | None = None,
+            require_marker: bool = True, in_place_ok: bool = False) -> Discarded:
+    """:func:`move_to_trash`, then delete it there (marker last).
+
+    Files still in use after the retries are returned in
+    :attr:`Discarded.in_use`; they stay, marked, in the trash for ``gc``.
+    """
+    trashed = move_to_trash(layout, path, stem=stem, require_marker=require_marker,
+                            in_place_ok=in_place_ok)
+    gone = _delete_here(trashed, require_marker=trashed == path)
+    return Discarded(path, trashed, gone.in_use)
+
+
+def _delete_here(path: Path, *, require_marker: bool = False) -> Discarded:
     try:
-        fsops.safe_rmtree(path, require_marker=False, last=LAST_PATHS)
+        fsops.safe_rmtree(path, require_marker=require_marker, last=LAST_PATHS)
     except fsops.InUseError as exc:
         return Discarded(path, path, exc.in_use)
     return Discarded(path, path)
+
+
+def purge(trashed: Path, doing: str) -> None:
+    """Delete what :func:`move_to_trash` moved; a failure is logged, never raised."""
+    try:
+        gone = _delete_here(trashed)
+    except (ProvisionerError, OSError) as exc:
+        log.warning("%s: could not remove %s: %s", doing, trashed, exc)
+        return
+    if gone.in_use:
+        log.warning("%s: %d file(s) in use by another process stay in %s until the next "
+                    "'provisioner gc'", doing, len(gone.in_use), trashed)
 
 
 def cleanup(layout: HomeLayout, path: Path, doing: str, *, require_marker: bool = True) -> None:

@@ -358,6 +358,33 @@ def test_missing_fingerprint_is_repaired(project: SampleProject, tmp_path: Path)
     assert ensure(config, CPU).action == "reuse"
 
 
+def test_a_repair_whose_old_files_are_in_use_still_builds(
+        project: SampleProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        logs: pytest.LogCaptureFixture) -> None:
+    config = config_for(project.path, tmp_path)
+    layout = HomeLayout(config.home)
+    first = ensure(config, CPU)
+    fingerprint_path(first.prefix).unlink()
+    real_unlink = os.unlink
+
+    def unlink(path: str, *args: object, **kwargs: object) -> None:
+        if str(layout.trash) in os.fspath(path) and os.path.basename(path) == "python":
+            exc = PermissionError(errno.EACCES, "in use", os.fspath(path))
+            exc.winerror = 32  # type: ignore[attr-defined]  # the old python still runs
+            raise exc
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(fsops, "DELETE_RETRY_BUDGET_S", 0.1)
+    result = ensure(config, CPU)  # a failed trash delete never fails ensure
+    assert result.action == "repair" and read_fingerprint(result.prefix) is not None
+    assert "in use" in logs.text and "until the next 'provisioner gc'" in logs.text
+    [left] = list(layout.trash.iterdir())
+    assert (left / fsops.MARKER_NAME).is_file()
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert run_python(result.python, "import torch; print(torch.__version__)") == "2.2.1"
+
+
 def test_in_progress_marker_is_repaired(project: SampleProject, tmp_path: Path) -> None:
     config = config_for(project.path, tmp_path)
     first = ensure(config, CPU)

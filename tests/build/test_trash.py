@@ -25,7 +25,7 @@ from provisioner import fsops
 from provisioner.build.ensure import ensure
 from provisioner.build.layout import FINGERPRINT_NAME, HomeLayout, read_pointer
 from provisioner.build.maintenance import collect_garbage, verify_env
-from provisioner.build.trash import cleanup, discard
+from provisioner.build.trash import cleanup, discard, move_to_trash, purge
 from provisioner.config import Config, load_config
 from provisioner.fsops import MARKER_NAME, InUseError
 from provisioner.lock.spec import spec_path
@@ -232,3 +232,24 @@ def test_gc_while_a_running_python_holds_a_file_of_an_old_generation(
     assert not layout.trash.exists() or list(layout.trash.iterdir()) == []
     assert {p.name for p in layout.key_dir(CPU).iterdir()} >= {"current", new.prefix.name}
     assert not (layout.key_dir(CPU) / old.prefix.name).exists()
+
+
+def test_purge_logs_every_failure_and_never_raises(layout: HomeLayout,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    trashed = move_to_trash(layout, make_env(layout.generation_dir(CPU, GEN)))
+    real_unlink = os.unlink
+
+    def read_only(path: str, *args: object, **kwargs: object) -> None:
+        if os.path.basename(path) == "core.dll":
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    with caplog.at_level(logging.WARNING, logger="provisioner.build.trash"):
+        purge(trashed, "removing the old env")
+    assert "could not remove" in caplog.text and "Read-only" in caplog.text
+    assert (trashed / MARKER_NAME).is_file()  # the next gc tries again
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    purge(trashed, "removing the old env")
+    assert not trashed.exists()
