@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from provisioner.errors import BuildError
+from provisioner.errors import BuildError, ProvisionerError
 from provisioner.fsops import (
     _IS_WINDOWS,
     _list_dir,
@@ -89,7 +89,7 @@ def copy_tree_into(src: Path, dst: Path) -> None:
         rename_with_retry(tmp, dst)
     except BaseException:
         # A failed cleanup must not hide the error that caused it.
-        with contextlib.suppress(OSError, BuildError):
+        with contextlib.suppress(OSError, ProvisionerError):  # files in use, too
             safe_rmtree(tmp, require_marker=False)
         raise
     fsync_dir(dst.parent)
