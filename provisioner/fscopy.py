@@ -17,6 +17,7 @@ from pathlib import Path
 from provisioner.errors import BuildError, ProvisionerError
 from provisioner.fsops import (
     _IS_WINDOWS,
+    RENAME_RETRY_BUDGET_S,
     _list_dir,
     _temp_sibling,
     fsync_dir,
@@ -86,7 +87,7 @@ def copy_tree_into(src: Path, dst: Path) -> None:
         _copy_walk(os_path(src), os_path(tmp))
         if os.path.lexists(dst):
             raise BuildError(f"cannot copy into {dst}: it appeared while copying")
-        rename_with_retry(tmp, dst)
+        rename_with_retry(tmp, dst, denied_budget=RENAME_RETRY_BUDGET_S)  # a fresh tree: scanned
     except BaseException:
         # A failed cleanup must not hide the error that caused it.
         with contextlib.suppress(OSError, ProvisionerError):  # files in use, too

@@ -252,6 +252,7 @@ def rename_with_retry(
     dst: Path,
     *,
     budget: float = RENAME_RETRY_BUDGET_S,
+    denied_budget: float | None = None,
     sleep: Callable[[float], None] | None = None,
     rename: Callable[[str, str], object] | None = None,
     is_windows: bool | None = None,
@@ -261,14 +262,17 @@ def rename_with_retry(
     On Windows, WinError 32 (a sharing violation: antivirus or the indexer
     holding a handle) is retried with exponential backoff for ``budget`` seconds
     of sleep in total, WinError 5 (access denied, which may be permanent) for at
-    most :data:`DENIED_RETRY_BUDGET_S`; elsewhere, and for every other error,
-    the first error propagates.
+    most ``denied_budget`` (default :data:`DENIED_RETRY_BUDGET_S`; a caller that
+    renames a tree it has just written, which scanners hold with exactly this
+    error, passes ``budget``); elsewhere, and for every other error, the first
+    error propagates.
     In particular ``EXDEV`` surfaces at once so the caller can fall back to
     :func:`copy_tree_into`. ``sleep`` (default ``time.sleep``) and ``rename``
     (default ``os.rename``) are injectable so tests can simulate Windows.
     """
     if is_windows is None:
         is_windows = _IS_WINDOWS
+    denied = min(budget, DENIED_RETRY_BUDGET_S if denied_budget is None else denied_budget)
     sleep = time.sleep if sleep is None else sleep
     rename = os.rename if rename is None else rename
     src_s, dst_s = os_path(src), os_path(dst)
@@ -282,7 +286,7 @@ def rename_with_retry(
             if not (is_windows and winerror in _TRANSIENT_WINERRORS):
                 raise
             # Only a sharing violation is surely transient; "access denied" may be for good.
-            remaining = (budget if winerror == 32 else min(budget, DENIED_RETRY_BUDGET_S)) - slept
+            remaining = (budget if winerror == 32 else denied) - slept
             if remaining <= 1e-9:
                 raise
             wait = min(delay, remaining)

@@ -22,6 +22,11 @@ from provisioner.fsops import MARKER_NAME, InUseError, write_marker
 LAST = (".provisioner-fingerprint.json", "pyvenv.cfg", ".venv/pyvenv.cfg")
 
 
+def plain(path: str | os.PathLike[str]) -> str:
+    """``path`` without the ``\\\\?\\`` prefix that provisioner hands the OS on Windows."""
+    return os.fspath(path).removeprefix("\\\\?\\")
+
+
 def windows_error(winerror: int, path: str) -> PermissionError:
     exc = PermissionError(errno.EACCES, "The process cannot access the file", path)
     exc.winerror = winerror  # type: ignore[attr-defined]
@@ -41,7 +46,7 @@ class InUse:
         monkeypatch.setattr(os, name, self)
 
     def __call__(self, path: str, *args: object, **kwargs: object) -> None:
-        key = os.fspath(path)
+        key = plain(path)
         if key in self.paths:
             self.attempts.append(key)
             if self.left[key] > 0:
@@ -78,7 +83,7 @@ def test_identity_goes_after_everything_and_the_marker_last(
     real_unlink = os.unlink
 
     def spy(path: str, *args: object, **kwargs: object) -> None:
-        order.append(os.path.relpath(path, env).replace(os.sep, "/"))
+        order.append(os.path.relpath(plain(path), env).replace(os.sep, "/"))
         real_unlink(path)
 
     monkeypatch.setattr(os, "unlink", spy)

@@ -349,6 +349,13 @@ def test_rename_denied_for_good_does_not_wait_the_full_budget() -> None:
     assert getattr(info.value, "winerror", None) == 5
     assert sum(sleeps) == pytest.approx(fsops.DENIED_RETRY_BUDGET_S)
     assert fsops.DENIED_RETRY_BUDGET_S < fsops.RENAME_RETRY_BUDGET_S / 10
+    # A tree it has just written (promotion, a download) is what scanners hold: full budget.
+    fresh: list[float] = []
+    with pytest.raises(PermissionError):
+        rename_with_retry(Path("a"), Path("b"), sleep=fresh.append, is_windows=True,
+                          rename=FlakyRename(failures=10_000, winerror=5),
+                          denied_budget=fsops.RENAME_RETRY_BUDGET_S)
+    assert sum(fresh) == pytest.approx(fsops.RENAME_RETRY_BUDGET_S)
 
 
 def test_rename_gives_up_after_budget() -> None:

@@ -353,7 +353,8 @@ def _promote(config: Config, target: Path, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     if not config.force_copy:
         try:
-            fsops.rename_with_retry(target, final)
+            # A just-built tree is what scanners hold ("access denied"): the full budget.
+            fsops.rename_with_retry(target, final, denied_budget=fsops.RENAME_RETRY_BUDGET_S)
             return
         except OSError as exc:
             if exc.errno != errno.EXDEV:

@@ -155,7 +155,8 @@ class _Download:
                     f"sha256 mismatch for {_what(pkg)} downloaded from {self.job.url}: "
                     f"lock has {pkg.sha256}, archive has {actual}",
                     hint="the archive or the lock was altered; relock, or fix the mirror")
-            fsops.rename_with_retry(self.partial, self.job.target, rename=os.replace)
+            fsops.rename_with_retry(self.partial, self.job.target, rename=os.replace,
+                                    denied_budget=fsops.RENAME_RETRY_BUDGET_S)  # being scanned
         except Exception:
             if self.stop.is_set():  # whatever a shut-down socket raised, the cause is elsewhere
                 raise _Stopped from None

@@ -48,9 +48,10 @@ def hold(monkeypatch: pytest.MonkeyPatch, name: str, paths: set[str]) -> list[st
     attempts: list[str] = []
 
     def fake(src: str, *args: object, **kwargs: object) -> None:
-        if os.fspath(src) in paths or os.path.basename(src) in paths:
-            attempts.append(os.fspath(src))
-            raise windows_error(os.fspath(src))
+        name = os.fspath(src).removeprefix("\\\\?\\")  # as provisioner spells it on Windows
+        if name in paths or os.path.basename(name) in paths:
+            attempts.append(name)
+            raise windows_error(name)
         real(src, *args, **kwargs)
 
     monkeypatch.setattr(os, name, fake)
@@ -79,7 +80,11 @@ def test_discard_renames_into_the_trash_then_deletes(layout: HomeLayout,
     env = make_env(layout.generation_dir(CPU, GEN))
     moves: list[tuple[str, str]] = []
     real_rename = os.rename
-    monkeypatch.setattr(os, "rename", lambda a, b: (moves.append((a, b)), real_rename(a, b)))
+    def rename(a: str, b: str) -> None:
+        moves.append((a.removeprefix("\\\\?\\"), b.removeprefix("\\\\?\\")))
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
     gone = discard(layout, env)
     assert not env.exists() and gone.in_use == ()
     assert gone.trashed.parent == layout.trash and gone.trashed.name.startswith(f"{CPU}.{GEN}.")

@@ -162,7 +162,7 @@ def test_delete_refused_by_a_running_python_changes_nothing(
     real_rename = os.rename
 
     def rename(src: str, dst: str) -> None:
-        if os.fspath(src) == str(llama):
+        if os.fspath(src).removeprefix("\\\\?\\") == str(llama):
             raise _in_use(os.fspath(src))
         real_rename(src, dst)
 
@@ -178,7 +178,7 @@ def test_delete_across_filesystems_deletes_in_place(config: Config,
     real_rename = os.rename
 
     def rename(src: str, dst: str) -> None:
-        if os.fspath(src) == str(llama):
+        if os.fspath(src).removeprefix("\\\\?\\") == str(llama):
             raise OSError(errno.EXDEV, "Invalid cross-device link", os.fspath(src))
         real_rename(src, dst)
 
