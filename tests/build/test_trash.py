@@ -165,6 +165,16 @@ def test_gc_reports_files_in_use_and_the_next_gc_finishes(
     lines = [r for r in caplog.records if "in use" in r.getMessage()]
     assert len(lines) == 1 and str(held.path) in lines[0].getMessage()
 
+    from click.testing import CliRunner
+
+    from provisioner.cli import cli
+
+    text = CliRunner().invoke(cli, ["--home", str(config.home), "gc", "--project",
+                                    str(config.project)])
+    assert text.exit_code == 0, text.output
+    assert f"in use  {held.path}: 1 file(s) held open by another process" in text.output
+    assert (held.path / MARKER_NAME).is_file()
+
     monkeypatch.setattr(os, "unlink", real_unlink)  # the program that held it exited
     again = collect_garbage(config)
     assert [(i.kind, i.path) for i in again.removed] == [("trash", held.path)]
