@@ -256,7 +256,7 @@ def test_exdev_on_promote_falls_back_to_copy(project: SampleProject, tmp_path: P
     refused: list[str] = []
 
     def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        if Path(src).parent == layout.staging:
+        if Path(os.fspath(src).removeprefix("\\\\?\\")).parent == layout.staging:  # \\?\ on Windows
             refused.append(str(src))
             raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
         real_rename(src, dst)
@@ -368,7 +368,8 @@ def test_a_repair_whose_old_files_are_in_use_still_builds(
     real_unlink = os.unlink
 
     def unlink(path: str, *args: object, **kwargs: object) -> None:
-        if str(layout.trash) in os.fspath(path) and os.path.basename(path) == "python":
+        if str(layout.trash) in os.fspath(path) and \
+                os.path.basename(path) in ("python", "python.exe"):
             exc = PermissionError(errno.EACCES, "in use", os.fspath(path))
             exc.winerror = 32  # type: ignore[attr-defined]  # the old python still runs
             raise exc

@@ -20,6 +20,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from winsupport import needs_symlinks
 
 from provisioner import fsops
 from provisioner.build.ensure import ensure
@@ -115,6 +116,7 @@ def test_a_refused_rename_moves_nothing(layout: HomeLayout,
     assert (env / MARKER_NAME).is_file() and list(layout.trash.iterdir()) == []
 
 
+@needs_symlinks
 def test_discard_refuses_what_is_not_provisioners(layout: HomeLayout, tmp_path: Path) -> None:
     foreign = tmp_path / "home" / "envs" / CPU / GEN
     foreign.mkdir(parents=True)
