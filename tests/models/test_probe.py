@@ -128,9 +128,11 @@ def test_hanging_interpreter_is_killed_with_its_children(venv: Path, tmp_path: P
     took = time.monotonic() - start
     assert health.status == "broken"
     assert health.reasons == ("probe timed out after 2 s",)
-    assert took < 3.0, f"the probe took {took:.2f} s with a 2 s timeout"
+    assert took >= 2.0, "the probe gave up before its timeout"
+    # Both processes sleep 600 s, so the probe returning at all, with them dead, is the
+    # proof that it killed them rather than waited; the 10 s poll is only a hang guard.
     recorded = [int((pids / n).read_text().strip()) for n in ("sh.pid", "child.pid")]
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 10
     while any(pid_alive(p) for p in recorded) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert [p for p in recorded if pid_alive(p)] == [], "a probe process survived"

@@ -48,7 +48,6 @@ BNB = "sample-cu121-transformers-bnb"
 # built for the python running the tests (the sample channel's python), not always 3.11
 BNB_ARCHIVE = "bitsandbytes-0.43.1-py{}{}_cuda_sample_0.tar.bz2".format(*sys.version_info[:2])
 CPU = "sample-cpu-transformers"
-HOT_PATH_BUDGET_MS = 5.0
 HEAVY = ("rattler", "conda_lock", "rich")
 # With warm caches a resolution parses no spec, rule or lockfile either.
 WARM_EXTRA = ("yaml", "packaging")
@@ -191,15 +190,27 @@ def test_no_env_builds_the_shared_env(world: World, caplog: pytest.LogCaptureFix
     assert check.returncode == 0, check.stderr
 
 
-def test_second_model_with_the_same_key_reuses_it(world: World) -> None:
+def test_second_model_with_the_same_key_reuses_it(world: World,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     first = world.resolve(LLAMA)
     assert (first.source, first.env_key) == ("shared", BNB)
-    start = time.monotonic()
-    second = world.resolve(LLAMA13)
-    took = time.monotonic() - start
+    layout = HomeLayout(world.home)
+
+    def snapshot() -> tuple[list[str], list[str], int]:
+        staged = sorted(p.name for p in layout.staging.iterdir()) if layout.staging.is_dir() \
+            else []
+        return (sorted(p.name for p in layout.key_dir(BNB).iterdir()), staged,
+                layout.pointer(BNB).stat().st_mtime_ns)
+
+    before = snapshot()
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", _forbidden)  # no build, no solve, no probe
+        second = world.resolve(LLAMA13)
     assert (second.source, second.env_key, second.python) == ("shared", BNB, first.python)
     assert _steps(second) == [("shared env", "used")]
-    assert took < 0.5 and second.seconds < 0.5
+    # Reused as it was: the same generation, no new one, nothing staged, pointer untouched.
+    assert second.generation == first.generation == read_pointer(layout, BNB)
+    assert snapshot() == before
     assert _envs_built(world.home) == [BNB]
 
 
@@ -423,8 +434,9 @@ def test_hot_path_shared(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
         before = stat_signature(state)
         median = _median_ms(lambda: world.resolve(MISTRAL))
         assert stat_signature(state) == before, "the hot path rewrote the state file"
+    # Informational only (benchmarks/ measures it): cheap is asserted by the path taken,
+    # no process started, no state written, and (below) nothing heavy or parsing imported.
     print(f"hot path (shared): median {median:.3f} ms")
-    assert median <= HOT_PATH_BUDGET_MS
     assert _fresh_process(world, MISTRAL) == ("shared", [])
 
 
@@ -436,8 +448,7 @@ def test_hot_path_legacy(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
         res = world.resolve(MISTRAL)
         assert res.source == "legacy" and res.attempts[-1].detail.endswith("(cached)")
         median = _median_ms(lambda: world.resolve(MISTRAL))
-    print(f"hot path (legacy): median {median:.3f} ms")
-    assert median <= HOT_PATH_BUDGET_MS
+    print(f"hot path (legacy): median {median:.3f} ms")  # informational, as above
     assert _fresh_process(world, MISTRAL) == ("legacy", [])
 
 
