@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -92,9 +91,9 @@ def test_rename_with_retry_outlasts_a_handle_held_by_another_process(tmp_path: P
             assert getattr(exc, "winerror", None) in (5, 32)
         else:
             os.rename(tmp_path / "probe", src)
-        started = time.monotonic()
+        # The outcome is the proof: it returned instead of raising the sharing violation,
+        # so a retry outlasted the handle (the holder lets go after 1.5 s of a 20 s budget).
         fsops.rename_with_retry(src, dst, budget=20.0)
-        assert time.monotonic() - started < 20.0
     finally:
         holder.wait(timeout=30)
     assert (dst / "held.bin").read_bytes() == b"x"
