@@ -39,7 +39,7 @@ def test_demo_plays_the_four_scenarios(tmp_path: Path, monkeypatch: pytest.Monke
     assert built.python == reused.python and Path(built.python).is_file()
     assert [a.step for a in reused.attempts] == ["shared env"]
     assert any(a.step == "build shared env" and a.outcome == "failed" for a in degraded.attempts)
-    assert report.build_seconds > 0 and report.repeat_ms > 0  # both measured
+    assert report.build_seconds > 0 and report.repeat_ms >= 0  # measured (a coarse clock may say 0)
     # The timed repeat is the cheap path: the built generation used as it is, nothing built.
     assert len(resolutions) == 5 and resolutions[3] is degraded
     repeat = resolutions[4]
