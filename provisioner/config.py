@@ -38,6 +38,11 @@ Example ``provisioner.toml``::
 
     [gc]
     keep = 1                            # previous generations per key kept for rollback
+
+    [s3-options.my-bucket]              # an S3-compatible store for s3:// mirrors (as pixi)
+    endpoint-url = "https://minio.example.com"
+    region = "us-east-1"
+    force-path-style = true             # bucket in the path, not the host name
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ CONFIG_FILE_NAME = "provisioner.toml"
 SPECS_DIR_NAME = "environment-specs"
 LOCKS_DIR_NAME = "lockfiles"
 LEGACY_POLICIES = ("prefer", "fallback", "ignore")
-_KNOWN_KEYS = {"home", "backend", "channel-root", "channels", "pip", "legacy", "build", "gc"}
+_KNOWN_KEYS = {"home", "backend", "channel-root", "channels", "pip", "legacy", "build", "gc",
+               "s3-options"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,34 @@ class PipSettings:
     index_url: str | None = None
     find_links: tuple[str, ...] = ()
     no_index: bool = False
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Where one bucket of ``s3://`` URLs lives (``[s3-options.<bucket>]``, pixi's keys)."""
+
+    endpoint_url: str
+    region: str
+    force_path_style: bool = False
+
+
+def _s3_options(raw: object) -> dict[str, S3Options]:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{CONFIG_FILE_NAME}: [s3-options] must hold one table per bucket")
+    result = {}
+    for bucket, opts in raw.items():
+        where = f"{CONFIG_FILE_NAME}: [s3-options.{bucket}]"
+        if not isinstance(opts, dict) or set(opts) - {"endpoint-url", "region",
+                                                       "force-path-style"}:
+            raise SpecError(f"{where} takes endpoint-url, region and force-path-style only")
+        endpoint, region = opts.get("endpoint-url"), opts.get("region")
+        style = opts.get("force-path-style", False)
+        if not isinstance(endpoint, str) or "://" not in endpoint or not isinstance(region, str) \
+                or not region or not isinstance(style, bool):
+            raise SpecError(f"{where} needs endpoint-url (a URL) and region (a string); "
+                            "force-path-style is true or false")
+        result[str(bucket)] = S3Options(endpoint, region, style)
+    return result
 
 
 GIB = 1 << 30
@@ -144,6 +178,7 @@ class Config:
     package_limits: PackageLimits = PackageLimits()
     gc_keep: int = 1
     fetch_timeout: float = 120.0
+    s3_options: Mapping[str, S3Options] = field(default_factory=dict)
 
     @property
     def specs_dir(self) -> Path:
@@ -325,4 +360,5 @@ def load_config(
         package_limits=_limits(build_raw),
         gc_keep=gc_keep,
         fetch_timeout=fetch_timeout,
+        s3_options=_s3_options(data.get("s3-options", {})),
     )
