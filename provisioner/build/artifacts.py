@@ -92,8 +92,12 @@ class _HashMemo:
             fsops.atomic_write_text(self.path, json.dumps(self.entries, sort_keys=True))
 
 
+def _channel_of(pkg: LockedPackage, sources: list[ChannelSource]) -> str:
+    return next((s.name for s in sources if pkg.url.startswith(s.canonical + "/")), "")
+
+
 def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSource],
-                   downloads: Path, timeout: float) -> None:
+                   downloads: Path, timeout: float, config: Config | None) -> None:
     from provisioner.build.fetch import FetchJob, fetch_all
 
     jobs = []
@@ -106,21 +110,24 @@ def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSourc
             )
         url = confined_source(pkg, sources)
         if not url.startswith("file://") and not (downloads / pkg.file_name).is_file():
-            jobs.append(FetchJob(pkg, url, downloads / pkg.file_name))
-    fetch_all(jobs, timeout=timeout)
+            jobs.append(FetchJob(pkg, url, downloads / pkg.file_name,
+                                 _channel_of(pkg, sources)))
+    fetch_all(jobs, timeout=timeout, config=config)
 
 
 def verify_artifacts(
     packages: Sequence[LockedPackage], sources: list[ChannelSource], cache_dir: Path,
-    *, fetch_timeout: float = DOWNLOAD_TIMEOUT_S,
+    *, fetch_timeout: float = DOWNLOAD_TIMEOUT_S, config: Config | None = None,
 ) -> list[VerifiedArtifact]:
     """Locate (or download, see ``build.fetch``) and verify every package.
+
+    ``config`` gives the ``[s3-options]`` for ``s3://`` mirrors.
 
     Raises on the first mismatch.
     """
     memo = _HashMemo(cache_dir / "verified-sha256.json")
     downloads = cache_dir / "downloads"
-    _fetch_missing(packages, sources, downloads, fetch_timeout)
+    _fetch_missing(packages, sources, downloads, fetch_timeout, config)
     result = []
     try:
         for pkg in packages:

@@ -252,7 +252,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     sources = resolve_channels(lock.channels or spec.channels, config)
     try:
         artifacts = verify_artifacts(packages, sources, layout.package_cache,
-                                     fetch_timeout=config.fetch_timeout)
+                                     fetch_timeout=config.fetch_timeout, config=config)
     except IntegrityError as exc:
         raise IntegrityError(f"{plan.key}: {exc.message}", hint=(
             f"if the channel rebuilt that archive, run 'provisioner lock {plan.key}' to relock "

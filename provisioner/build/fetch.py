@@ -17,6 +17,13 @@ not retried: the server sent exactly that file, and a second request would only
 double the traffic. Any failure, Ctrl-C included, deletes the partial file;
 on Ctrl-C or a first failure the other downloads' sockets are shut down, so nobody
 waits out a timeout.
+
+``s3://`` URLs, hosts with an entry in rattler's credentials file, and hosts that
+answer a plain request with 401 or 403 (credentials in the keyring or netrc) go
+through ``build.transport`` instead: rattler's client, its authentication storage
+and S3 support. Those downloads restart rather than resume, and are hashed once
+complete, before the same rename. A refusal for lack of credentials names the
+channel.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import fsops
+from provisioner.config import Config
 from provisioner.errors import FetchError, IntegrityError
 from provisioner.lock.lockfile import LockedPackage
 
@@ -56,6 +64,7 @@ class FetchJob:
     package: LockedPackage
     url: str
     target: Path
+    channel: str = ""  # the lock's channel name, for refusals of credentials
 
 
 class _Transient(Exception):
@@ -64,6 +73,27 @@ class _Transient(Exception):
 
 class _Stopped(Exception):
     """Another download failed or the user interrupted: give up quietly."""
+
+
+class _NeedsCredentials(Exception):
+    """A plain request was refused with 401 or 403: retry through rattler's auth storage."""
+
+
+class _RattlerClient:
+    """One rattler client per ``fetch_all``, made on first use (rattler imports slowly)."""
+
+    def __init__(self, config: Config | None) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def get(self) -> Any:
+        from provisioner.build.transport import make_client
+
+        with self._lock:
+            if self._client is None:
+                self._client = make_client(self._config)
+            return self._client
 
 
 class _Connections:
@@ -134,9 +164,10 @@ def _fetch_error(job: FetchJob, why: str) -> FetchError:
 
 class _Download:
     def __init__(self, job: FetchJob, timeout: float, stop: threading.Event,
-                 opener: urllib.request.OpenerDirector) -> None:
+                 opener: urllib.request.OpenerDirector, rattler: _RattlerClient) -> None:
         self.job = job
         self.opener = opener
+        self.rattler = rattler
         self.timeout = timeout
         self.stop = stop
         self.partial = job.target.with_name(
@@ -147,7 +178,13 @@ class _Download:
     def run(self) -> None:
         self.job.target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._with_retries()
+            if _through_rattler(self.job.url):
+                self._through_transport()
+            else:
+                try:
+                    self._with_retries()
+                except _NeedsCredentials:
+                    self._through_transport()
             actual = self.digest.hexdigest()
             if actual != self.job.package.sha256:
                 pkg = self.job.package
@@ -163,6 +200,25 @@ class _Download:
             raise
         finally:
             fsops.remove_file(self.partial)
+
+    def _through_transport(self) -> None:
+        from provisioner.build.transport import DownloadCancelled, TransportError, download
+
+        try:
+            download(self.job.url, self.partial, timeout=self.timeout, client=self.rattler.get(),
+                     cancel=self.stop, retries=RETRIES)
+        except DownloadCancelled:
+            raise _Stopped from None
+        except TransportError as exc:
+            error = _fetch_error(self.job, exc.why)
+            if exc.needs_credentials:
+                error = FetchError(f"channel '{self.job.channel or '?'}' refused access: {error}",
+                                   hint=exc.hint)
+            raise error from None
+        self.digest = hashlib.sha256()
+        with self.partial.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                self.digest.update(chunk)
 
     def _with_retries(self) -> None:
         for attempt in range(RETRIES + 1):
@@ -186,6 +242,8 @@ class _Download:
                 self._receive(resp)
         except urllib.error.HTTPError as exc:
             why = f"HTTP {exc.code} {exc.reason}"
+            if exc.code in (401, 403):
+                raise _NeedsCredentials from None
             if exc.code >= 500 or exc.code in (408, 429):
                 raise _Transient(why) from None
             raise _fetch_error(self.job, why) from None
@@ -229,8 +287,19 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return str(exc) or type(exc).__name__
 
 
-def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKERS) -> None:
+def _through_rattler(url: str) -> bool:
+    if url.lower().startswith("s3://"):
+        return True
+    from provisioner.build.transport import has_stored_credentials
+
+    return has_stored_credentials(url)
+
+
+def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKERS,
+              config: Config | None = None) -> None:
     """Download and verify every job, ``workers`` at a time; raise the first failure.
+
+    ``config`` gives the ``[s3-options]`` for ``s3://`` URLs.
 
     The first failure (in job order) stops the others: they delete their partial
     files and end. So does an interrupt of the calling thread, which is re-raised
@@ -245,10 +314,11 @@ def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKER
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))),
                               thread_name_prefix="provisioner-fetch")
     futures: list[Future[None]] = []
+    rattler = _RattlerClient(config)
     try:
         for job in jobs:
             log.info("downloading %s", job.package.file_name)
-            futures.append(pool.submit(_Download(job, timeout, stop, opener).run))
+            futures.append(pool.submit(_Download(job, timeout, stop, opener, rattler).run))
         wait(futures, return_when=FIRST_EXCEPTION)
         stop.set()  # a no-op when all succeeded; otherwise the rest end early
         conns.shut_down()

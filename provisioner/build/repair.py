@@ -77,7 +77,7 @@ def _from_archive(config: Config, key: str, record: dict[str, Any], names: list[
         return None
     art = verify_artifacts(pkgs, resolve_channels(lock.channels, config),
                            HomeLayout(config.home).package_cache,
-                           fetch_timeout=config.fetch_timeout)[0]
+                           fetch_timeout=config.fetch_timeout, config=config)[0]
     limit = config.package_limits.package_bytes
     with tar_streams(art.path, limit, art.package.file_name) as streams:
         for stream in streams:
