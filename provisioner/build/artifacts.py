@@ -3,8 +3,10 @@
 rattler does not check the hash of packages read from ``file://`` channels, so
 provisioner verifies every archive itself: local mirror files in place, remote
 ones after ``build.fetch`` downloaded them into ``<cache>/downloads`` (only
-bytes that match the lock are ever renamed into place there). Hashes of unchanged files are
-remembered by (size, mtime, inode, ctime) so that warm builds do not re-hash gigabytes.
+bytes that match the lock are ever renamed into place there; once extracted
+and verified in the package cache they go again, see ``build.downloads``). Hashes
+of unchanged files are remembered by (size, mtime, inode, ctime) so that warm
+builds do not re-hash gigabytes.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def _channel_of(pkg: LockedPackage, sources: list[ChannelSource]) -> str:
 
 
 def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSource],
-                   downloads: Path, timeout: float, config: Config | None) -> None:
+                   downloads: Path, timeout: float, config: Config | None,
+                   cached: frozenset[str]) -> None:
     from provisioner.build.fetch import FetchJob, fetch_all
 
     jobs = []
@@ -109,7 +112,8 @@ def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSourc
                 hint="regenerate the lock with 'provisioner lock'",
             )
         url = confined_source(pkg, sources)
-        if not url.startswith("file://") and not (downloads / pkg.file_name).is_file():
+        if not url.startswith("file://") and pkg.sha256 not in cached \
+                and not (downloads / pkg.file_name).is_file():
             jobs.append(FetchJob(pkg, url, downloads / pkg.file_name,
                                  _channel_of(pkg, sources)))
     fetch_all(jobs, timeout=timeout, config=config)
@@ -118,16 +122,19 @@ def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSourc
 def verify_artifacts(
     packages: Sequence[LockedPackage], sources: list[ChannelSource], cache_dir: Path,
     *, fetch_timeout: float = DOWNLOAD_TIMEOUT_S, config: Config | None = None,
+    cached: frozenset[str] = frozenset(),
 ) -> list[VerifiedArtifact]:
     """Locate (or download, see ``build.fetch``) and verify every package.
 
-    ``config`` gives the ``[s3-options]`` for ``s3://`` mirrors.
+    ``config`` gives the ``[s3-options]`` for ``s3://`` mirrors. A remote package
+    whose sha256 is in ``cached`` and whose archive is gone is neither downloaded
+    nor hashed: its verified package-cache entry serves it (``build.downloads``).
 
     Raises on the first mismatch.
     """
     memo = _HashMemo(cache_dir / "verified-sha256.json")
     downloads = cache_dir / "downloads"
-    _fetch_missing(packages, sources, downloads, fetch_timeout, config)
+    _fetch_missing(packages, sources, downloads, fetch_timeout, config, cached)
     result = []
     try:
         for pkg in packages:
@@ -135,6 +142,9 @@ def verify_artifacts(
             downloaded = not url.startswith("file://")
             if downloaded:
                 path = downloads / pkg.file_name
+                if pkg.sha256 in cached and not path.is_file():
+                    result.append(VerifiedArtifact(pkg, path))
+                    continue
             else:
                 path = file_url_to_path(url)
                 if not path.is_file():

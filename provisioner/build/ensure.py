@@ -221,6 +221,7 @@ def _cuda_gate(plan: EnsurePlan, lock: LockData, opts: EnsureOptions) -> CudaChe
 
 def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOptions,
            start: float, waited: float) -> EnsureResult:
+    from provisioner.build import downloads
     from provisioner.build.artifacts import locate_sizes, verify_artifacts
     from provisioner.build.durability import flush_tree
     from provisioner.build.package_cache import prepare as prepare_cache
@@ -250,9 +251,12 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     cuda = _cuda_gate(plan, lock, opts)
 
     sources = resolve_channels(lock.channels or spec.channels, config)
+    one_copy = backend.name == "rattler"  # other backends install from the archives
     try:
-        artifacts = verify_artifacts(packages, sources, layout.package_cache,
-                                     fetch_timeout=config.fetch_timeout, config=config)
+        artifacts = verify_artifacts(packages, sources, layout.package_cache, config=config,
+                                     fetch_timeout=config.fetch_timeout, cached=(
+            downloads.cached_without_archive(packages, layout.package_cache,
+                                             config.package_limits) if one_copy else frozenset()))
     except IntegrityError as exc:
         raise IntegrityError(f"{plan.key}: {exc.message}", hint=(
             f"if the channel rebuilt that archive, run 'provisioner lock {plan.key}' to relock "
@@ -309,6 +313,8 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     previous = plan.active_generation
     fsops.replace_pointer(layout.pointer(plan.key), plan.generation)
     _check_promoted(layout, plan, spec.imports, previous)
+    if one_copy:
+        downloads.drop_downloaded_archives(artifacts, layout.package_cache, config.package_limits)
     log.info("%s is ready at %s", plan.key, final)
     return _result(plan, plan.action, start, backend.name, choice.reason, waited, cuda.to_dict())
 

@@ -116,6 +116,23 @@ def _entry_problem(entry: Path, pj_sha256: str) -> str | None:
     return None
 
 
+def entry_matches(cache_dir: Path, file_name: str, sha256: str, paths_json_sha256: str) -> bool:
+    """Whether rattler will link ``file_name`` from its cache entry without its archive.
+
+    rattler's ``<entry>.lock`` holds an 8-byte revision and the sha256 the entry
+    was extracted from; with the lock's sha256 there, rattler reads no archive.
+    The entry must also still match the checked package's ``paths.json``.
+    """
+    stem = file_name.removesuffix(".conda").removesuffix(".tar.bz2")
+    entry = cache_dir / stem
+    try:
+        recorded = (cache_dir / f"{stem}.lock").read_bytes()[8:40].hex()
+    except OSError:
+        return False
+    return (recorded == sha256 and entry.is_dir() and not entry.is_symlink()
+            and _entry_problem(entry, paths_json_sha256) is None)
+
+
 def discard_damaged_entries(checked: Sequence[CheckedPackage], cache_dir: Path) -> list[str]:
     """Drop cache entries that don't match their verified archive (hold the lock exclusively)."""
     dropped = []

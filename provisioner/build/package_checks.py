@@ -333,6 +333,13 @@ class _Memo:
                                                            "packages": self.entries}))
 
 
+def remembered_summaries(cache_dir: Path, limits: PackageLimits) -> dict[str, PackageSummary]:
+    """Summaries of packages checked before under ``limits``, by archive sha256."""
+    memo = _Memo(cache_dir / "checked-packages.json", limits)
+    found = {sha: memo.get(sha) for sha in memo.entries}
+    return {sha: summary for sha, summary in found.items() if summary is not None}
+
+
 def check_packages(artifacts: Sequence[VerifiedArtifact], limits: PackageLimits,
                    cache_dir: Path) -> list[CheckedPackage]:
     """Check every package and the env they make together; raise on the first problem.
