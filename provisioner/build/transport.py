@@ -58,6 +58,7 @@ S3_HINT = ("give AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, A
            "S3Credentials entry in RATTLER_AUTH_FILE); set the endpoint in [s3-options.<bucket>]")
 _STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3})([^)]*)\)")
 _QUERY = re.compile(r"(\w+://[^\s?#)]*)[?#][^\s)]*")
+_USERINFO = re.compile(r"(\w+://)[^\s/@]+@")
 
 
 class TransportError(FetchError):
@@ -86,9 +87,12 @@ class _Transient(Exception):
 
 
 def redact(text: str) -> str:
-    """``text`` on one line, with every URL's query and fragment cut (presigned S3 URLs sign
-    with their query)."""
-    return _QUERY.sub(r"\1", " ".join(text.split()))
+    """``text`` on one line, every URL without its query, fragment and user info.
+
+    Presigned S3 URLs carry their signature in the query; ``user:password@`` is a
+    credential too.
+    """
+    return _USERINFO.sub(r"\1***@", _QUERY.sub(r"\1", " ".join(text.split())))
 
 
 def auth_file(environ: Mapping[str, str] | None = None) -> Path:

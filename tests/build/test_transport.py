@@ -177,6 +177,14 @@ def test_404_is_final_and_leaves_nothing(files: ChannelServer, tmp_path: Path) -
     assert not dest.exists() and leftovers(dest.parent) == []
 
 
+def test_errors_redact_credentials_in_urls() -> None:
+    text = ("HTTP status client error (403 Forbidden) for url (http://127.0.0.1:9/chan/x.conda"
+            "?X-Amz-Credential=k%2F1&X-Amz-Signature=abc)\n more")
+    assert transport.redact(text) == ("HTTP status client error (403 Forbidden) for url "
+                                      "(http://127.0.0.1:9/chan/x.conda) more")
+    assert transport.redact("https://user:pw@host/c/x") == "https://***@host/c/x"
+
+
 def test_unknown_scheme_is_refused(tmp_path: Path) -> None:
     with pytest.raises(transport.TransportError, match="unsupported URL scheme 'ftp'"):
         transport.download("ftp://example.invalid/x", tmp_path / "x", timeout=1)
