@@ -30,21 +30,23 @@ from provisioner.build.artifacts import VerifiedArtifact
 from provisioner.build.package_cache import cache_lock, entry_matches
 from provisioner.build.package_checks import remembered_summaries
 from provisioner.config import PackageLimits
+from provisioner.lock.channels import ChannelSource, source_for_url
 from provisioner.lock.lockfile import LockedPackage
 
 log = logging.getLogger(__name__)
 DOWNLOADS = "downloads"
 
 
-def cached_without_archive(packages: Sequence[LockedPackage], cache_dir: Path,
-                           limits: PackageLimits) -> frozenset[str]:
-    """sha256s of the packages whose archive is gone but whose cache entry serves them."""
+def cached_without_archive(packages: Sequence[LockedPackage], sources: list[ChannelSource],
+                           cache_dir: Path, limits: PackageLimits) -> frozenset[str]:
+    """sha256s of the remote packages whose archive is gone but whose cache entry serves them."""
     downloads = cache_dir / DOWNLOADS
     summaries = remembered_summaries(cache_dir, limits)
     found = set()
     for pkg in packages:
         summary = summaries.get(pkg.sha256 or "")
-        if summary is None or (downloads / pkg.file_name).exists():
+        if summary is None or (downloads / pkg.file_name).exists() \
+                or source_for_url(pkg.url, sources).startswith("file://"):
             continue
         if entry_matches(cache_dir, pkg.file_name, pkg.sha256 or "", summary.paths_json_sha256):
             found.add(pkg.sha256 or "")

@@ -255,7 +255,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     try:
         artifacts = verify_artifacts(packages, sources, layout.package_cache, config=config,
                                      fetch_timeout=config.fetch_timeout, cached=(
-            downloads.cached_without_archive(packages, layout.package_cache,
+            downloads.cached_without_archive(packages, sources, layout.package_cache,
                                              config.package_limits) if one_copy else frozenset()))
     except IntegrityError as exc:
         raise IntegrityError(f"{plan.key}: {exc.message}", hint=(
