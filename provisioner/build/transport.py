@@ -35,7 +35,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -154,15 +154,19 @@ def make_client(config: Config | None = None) -> Any:
 
 
 def download(url: str, dest: Path, *, timeout: float, client: Any = None,
-             cancel: threading.Event | None = None, retries: int = RETRIES) -> None:
+             cancel: threading.Event | None = None, retries: int = RETRIES,
+             on_bytes: Callable[[int], None] | None = None) -> None:
     """Download ``url`` to ``dest`` atomically (no hash check: callers check).
 
     ``timeout`` is the longest wait for the next bytes, in seconds; ``client``
     defaults to :func:`make_client` (no ``[s3-options]``); setting ``cancel``
-    stops the download soon after and raises :class:`DownloadCancelled`. Raises
+    stops the download soon after and raises :class:`DownloadCancelled`;
+    ``on_bytes(n)`` is called with the size of each chunk written, and with minus
+    the bytes written so far when a try starts over. Raises
     :class:`TransportError` when the file cannot be had (after ``retries`` further
     tries for transient failures).
     """
+    count = on_bytes or (lambda n: None)
     scheme = urlsplit(url).scheme.lower()
     if scheme not in SCHEMES:
         raise TransportError(url, f"unsupported URL scheme {scheme!r} (use one of "
@@ -171,15 +175,17 @@ def download(url: str, dest: Path, *, timeout: float, client: Any = None,
     partial = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
         if scheme == "file":
-            _copy(url, partial, cancel)
+            _copy(url, partial, cancel, count)
         else:
-            _with_retries(url, partial, timeout, client or make_client(), cancel, retries)
+            _with_retries(url, partial, timeout, client or make_client(), cancel, retries,
+                          count)
         fsops.rename_with_retry(partial, dest, rename=os.replace)
     finally:
         fsops.remove_file(partial)
 
 
-def _copy(url: str, partial: Path, cancel: threading.Event | None) -> None:
+def _copy(url: str, partial: Path, cancel: threading.Event | None,
+          count: Callable[[int], None]) -> None:
     from provisioner.lock.channels import file_url_to_path
 
     source = file_url_to_path(url)
@@ -189,6 +195,7 @@ def _copy(url: str, partial: Path, cancel: threading.Event | None) -> None:
                 if cancel is not None and cancel.is_set():
                     raise DownloadCancelled
                 out.write(chunk)
+                count(len(chunk))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise TransportError(url, "no such file") from None
     except PermissionError:
@@ -196,13 +203,18 @@ def _copy(url: str, partial: Path, cancel: threading.Event | None) -> None:
 
 
 def _with_retries(url: str, partial: Path, timeout: float, client: Any,
-                  cancel: threading.Event | None, retries: int) -> None:
+                  cancel: threading.Event | None, retries: int,
+                  count: Callable[[int], None]) -> None:
     for attempt in range(retries + 1):
+        writer = None
         try:
             with partial.open("wb") as out:
-                asyncio.run(_stream(client, url, _Writer(out), timeout, cancel))
+                writer = _Writer(out, count)
+                asyncio.run(_stream(client, url, writer, timeout, cancel))
             return
         except _Transient as exc:
+            if writer is not None and writer.size:
+                count(-writer.size)
             if attempt == retries:
                 raise TransportError(url, f"{exc} (gave up after {retries + 1} tries)"
                                      ) from None
@@ -214,13 +226,17 @@ def _with_retries(url: str, partial: Path, timeout: float, client: Any,
 class _Writer:
     """rattler calls ``write`` per chunk; the watchdog reads ``last``."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: IO[bytes], count: Callable[[int], None]) -> None:
         self.out = out
+        self.count = count
+        self.size = 0
         self.last = time.monotonic()
 
     def write(self, data: bytes) -> None:
         self.out.write(data)
+        self.size += len(data)
         self.last = time.monotonic()
+        self.count(len(data))
 
 
 async def _stream(client: Any, url: str, writer: _Writer, timeout: float,

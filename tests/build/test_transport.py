@@ -161,7 +161,10 @@ def test_file_url_is_copied_whole(tmp_path: Path) -> None:
 def test_500_and_short_body_are_retried(files: ChannelServer, tmp_path: Path) -> None:
     files.faults["/a.bin"] = ["500", "short"]
     dest = tmp_path / "out" / "a.bin"
-    transport.download(f"{files.url}/a.bin", dest, timeout=10)
+    counted: list[int] = []
+    transport.download(f"{files.url}/a.bin", dest, timeout=10, on_bytes=counted.append)
+    assert sum(counted) == dest.stat().st_size == 300_000
+    assert any(n < 0 for n in counted), "the short try was taken back"
     assert dest.read_bytes() == (files.directory or tmp_path).joinpath("a.bin").read_bytes()
     assert [p for p, _ in files.requests] == ["/a.bin"] * 3
     assert leftovers(dest.parent) == []
