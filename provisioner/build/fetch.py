@@ -174,8 +174,19 @@ class _Download:
             f".{job.target.name}.{os.getpid()}-{threading.get_ident()}.partial")
         self.digest = hashlib.sha256()
         self.size = 0
+        self.started = threading.Event()
+        self.finished = threading.Event()
 
     def run(self) -> None:
+        self.started.set()
+        try:
+            self._run()
+        finally:
+            self.finished.set()
+
+    def _run(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped
         self.job.target.parent.mkdir(parents=True, exist_ok=True)
         try:
             if _through_rattler(self.job.url):
@@ -314,11 +325,13 @@ def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKER
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))),
                               thread_name_prefix="provisioner-fetch")
     futures: list[Future[None]] = []
+    downloads: list[_Download] = []
     rattler = _RattlerClient(config)
     try:
         for job in jobs:
             log.info("downloading %s", job.package.file_name)
-            futures.append(pool.submit(_Download(job, timeout, stop, opener, rattler).run))
+            downloads.append(_Download(job, timeout, stop, opener, rattler))
+            futures.append(pool.submit(downloads[-1].run))
         wait(futures, return_when=FIRST_EXCEPTION)
         stop.set()  # a no-op when all succeeded; otherwise the rest end early
         conns.shut_down()
@@ -333,3 +346,8 @@ def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKER
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        # A Ctrl-C inside submit (Thread.start waits for the new thread) leaves that
+        # thread out of the pool's list, unjoined: wait for every download that started.
+        for download in downloads:
+            if download.started.is_set():
+                download.finished.wait()
