@@ -87,6 +87,10 @@ class _RattlerClient:
         self._lock = threading.Lock()
         self._client: Any = None
 
+    @property
+    def s3_options(self) -> Any:
+        return self._config.s3_options if self._config is not None else {}
+
     def get(self) -> Any:
         from provisioner.build.transport import make_client
 
@@ -216,8 +220,10 @@ class _Download:
         from provisioner.build.transport import DownloadCancelled, TransportError, download
 
         try:
-            download(self.job.url, self.partial, timeout=self.timeout, client=self.rattler.get(),
-                     cancel=self.stop, retries=RETRIES)
+            s3 = self.job.url.lower().startswith("s3://")  # fetched in a child process
+            download(self.job.url, self.partial, timeout=self.timeout, cancel=self.stop,
+                     client=None if s3 else self.rattler.get(), retries=RETRIES,
+                     s3_options=self.rattler.s3_options)
         except DownloadCancelled:
             raise _Stopped from None
         except TransportError as exc:

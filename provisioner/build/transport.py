@@ -20,6 +20,12 @@ cancels a try when no byte arrived for ``timeout`` seconds, and a failed try (5x
 times with exponential backoff. Other 4xx answers and missing credentials are not
 retried.
 
+``s3://`` downloads run in a child process (``build.transport_child``): with
+py-rattler 0.28, a process that used its S3 support crashes while the interpreter
+shuts down (SIGSEGV or SIGABRT in about half the runs here, checked), which would
+turn every exit code into a crash. The child ends with ``os._exit``, as the
+installer child does.
+
 Bytes stream into a ``.<name>.<pid>-<tid>.partial`` sibling of ``dest``, renamed
 onto ``dest`` only once complete; a failure, a cancellation or Ctrl-C removes it.
 No sha256 is checked here: callers verify ``dest`` before they use it.
@@ -139,30 +145,35 @@ def rattler_config_toml(s3_options: Mapping[str, S3Options]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_client(config: Config | None = None) -> Any:
+def make_client(config: Config | None = None,
+                s3_options: Mapping[str, S3Options] | None = None) -> Any:
     """A ``rattler.networking.Client`` for :func:`download`.
 
-    It carries rattler's authentication middleware, S3 (``config.s3_options``) and
-    the rest of its standard stack, with no retries and no timeout of its own
-    (:func:`download` does both, see the module docstring).
+    It carries rattler's authentication middleware, S3 (``s3_options``, else
+    ``config.s3_options``) and the rest of its standard stack, with no retries and
+    no timeout of its own (:func:`download` does both, see the module docstring).
     """
     import rattler
     from rattler.networking import Client
 
-    settings = rattler.Config.from_toml(rattler_config_toml(config.s3_options if config else {}))
+    options = s3_options if s3_options is not None else (config.s3_options if config else {})
+    settings = rattler.Config.from_toml(rattler_config_toml(options))
     return Client.from_config(settings, max_retries=0)
 
 
 def download(url: str, dest: Path, *, timeout: float, client: Any = None,
              cancel: threading.Event | None = None, retries: int = RETRIES,
-             on_bytes: Callable[[int], None] | None = None) -> None:
+             on_bytes: Callable[[int], None] | None = None,
+             s3_options: Mapping[str, S3Options] | None = None) -> None:
     """Download ``url`` to ``dest`` atomically (no hash check: callers check).
 
     ``timeout`` is the longest wait for the next bytes, in seconds; ``client``
     defaults to :func:`make_client` (no ``[s3-options]``); setting ``cancel``
     stops the download soon after and raises :class:`DownloadCancelled`;
     ``on_bytes(n)`` is called with the size of each chunk written, and with minus
-    the bytes written so far when a try starts over. Raises
+    the bytes written so far when a try starts over. ``s3://`` URLs are fetched
+    in a child process configured by ``s3_options`` (``[s3-options]``), not by
+    ``client``. Raises
     :class:`TransportError` when the file cannot be had (after ``retries`` further
     tries for transient failures).
     """
@@ -176,12 +187,62 @@ def download(url: str, dest: Path, *, timeout: float, client: Any = None,
     try:
         if scheme == "file":
             _copy(url, partial, cancel, count)
+        elif scheme == "s3":
+            _in_child(url, partial, timeout, cancel, retries, count, s3_options or {})
         else:
             _with_retries(url, partial, timeout, client or make_client(), cancel, retries,
                           count)
         fsops.rename_with_retry(partial, dest, rename=os.replace)
     finally:
         fsops.remove_file(partial)
+
+
+def _in_child(url: str, partial: Path, timeout: float, cancel: threading.Event | None,
+              retries: int, count: Callable[[int], None],
+              s3_options: Mapping[str, S3Options]) -> None:
+    import sys
+
+    from provisioner import processes
+
+    request = {"url": url, "dest": str(partial), "timeout": timeout, "retries": retries,
+               "s3": {bucket: [o.endpoint_url, o.region, o.force_path_style]
+                      for bucket, o in s3_options.items()}}
+    outcome: dict[str, Any] = {}
+
+    def on_line(line: str) -> None:  # the child says "tick" every 50 ms: cancel is seen
+        if cancel is not None and cancel.is_set():
+            raise DownloadCancelled
+        word, _sep, rest = line.partition(" ")
+        if word == "bytes":
+            count(int(rest))
+        elif word == "result":
+            outcome.update(json.loads(rest))
+
+    argv = [sys.executable, "-m", "provisioner.build.transport_child"]
+    done = processes.run_streaming(argv, on_line=on_line, input_text=json.dumps(request))
+    if outcome.get("ok"):
+        return
+    if "why" in outcome:
+        raise TransportError(url, str(outcome["why"]), status=outcome.get("status"),
+                             needs_credentials=bool(outcome.get("needs_credentials")),
+                             hint=outcome.get("hint"))
+    last = done.stderr.strip().splitlines()[-1:] or ["no output"]
+    raise TransportError(url, f"the S3 download child exited with {done.returncode}: "
+                              f"{redact(last[0])}")
+
+
+def serve_child(request: dict[str, Any], say: Callable[[str], None]) -> None:
+    """The child's side of :func:`_in_child`: fetch, report bytes, end with a result line."""
+    options = {b: S3Options(str(e), str(r), bool(p)) for b, (e, r, p) in request["s3"].items()}
+    try:
+        _with_retries(request["url"], Path(request["dest"]), float(request["timeout"]),
+                      make_client(s3_options=options), None, int(request["retries"]),
+                      lambda n: say(f"bytes {n}"))
+        result: dict[str, Any] = {"ok": True}
+    except TransportError as exc:
+        result = {"ok": False, "why": exc.why, "status": exc.status,
+                  "needs_credentials": exc.needs_credentials, "hint": exc.hint}
+    say("result " + json.dumps(result))
 
 
 def _copy(url: str, partial: Path, cancel: threading.Event | None,

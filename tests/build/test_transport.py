@@ -377,3 +377,24 @@ def test_s3_mirror_without_credentials_is_one_line_naming_the_channel(
     assert "X-Amz" not in stderr, "no presigned query in the message"
     assert "AWS_ACCESS_KEY_ID" in stderr  # the hint
     assert not (tmp_path / "home" / "envs" / CPU / "current").exists()
+
+
+def test_a_process_that_used_s3_exits_with_its_own_code(s3: str, tmp_path: Path) -> None:
+    """py-rattler 0.28 crashes at interpreter exit after S3 use (half the runs, checked):
+    ``s3://`` downloads run in a child, so the caller's exit code survives."""
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from provisioner.build import transport\nfrom provisioner.config import S3Options\n"
+        f"opts = {{'chan': S3Options({s3!r}, 'us-east-1', True)}}\n"
+        "try:\n"
+        "    transport.download('s3://chan/sample/noarch/repodata.json', Path(sys.argv[1]),\n"
+        "                       timeout=30, s3_options=opts)\n"
+        "except transport.TransportError as exc:\n"
+        "    print(exc)\n"
+        "sys.exit(7)\n")
+    codes = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"r{i}.json")],
+                            capture_output=True, text=True, timeout=120, check=False)
+             for i in range(4)]
+    assert [c.returncode for c in codes] == [7] * 4, [c.stderr[-300:] for c in codes]
+    assert all("no usable S3 credentials" in c.stdout for c in codes)
+    assert not list(tmp_path.glob("r*")), "no download and no partial file"
