@@ -192,7 +192,8 @@ def download(url: str, dest: Path, *, timeout: float, client: Any = None,
         else:
             _with_retries(url, partial, timeout, client or make_client(), cancel, retries,
                           count)
-        fsops.rename_with_retry(partial, dest, rename=os.replace)
+        fsops.rename_with_retry(partial, dest, rename=os.replace,
+                                denied_budget=fsops.RENAME_RETRY_BUDGET_S)  # being scanned
     finally:
         fsops.remove_file(partial)
 
