@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from provisioner import fsops
 from provisioner.build.downloads import drop_downloaded_archives
 from provisioner.build.ensure import ensure
 from provisioner.build.package_cache import cache_lock
@@ -30,8 +31,8 @@ from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 from provisioner.sample.stack import SAMPLE_CHANNEL
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 CPU = "sample-cpu-transformers"
+IS_WINDOWS = sys.platform == "win32"
 
 
 class Recorder:
@@ -93,7 +94,7 @@ def stem(pkg: LockedPackage) -> str:
 
 
 def rebuild(config: Config) -> Path:
-    shutil.rmtree(config.home / "envs" / CPU)
+    fsops.safe_rmtree(config.home / "envs" / CPU, require_marker=False)
     result = ensure(config, CPU)
     assert result.action == "build"
     done = subprocess.run([str(result.python), "-c", "import transformers"],
@@ -135,7 +136,9 @@ def test_a_removed_or_damaged_entry_is_downloaded_again(project: SampleProject, 
 def test_repair_downloads_the_archive_again(project: SampleProject, config: Config,
                                             server: Recorder, host_python_xy: str) -> None:
     prefix = ensure(config, CPU).prefix
-    shared = prefix / f"lib/python{host_python_xy}/site-packages/sitecustomize.py"
+    # The sample's Windows python has no sitecustomize.py; its python._pth is a cache link too.
+    shared = (prefix / "python._pth" if IS_WINDOWS
+              else prefix / f"lib/python{host_python_xy}/site-packages/sitecustomize.py")
     good = shared.read_bytes()
     with shared.open("r+b") as fh:  # a hardlink into the cache: the entry is damaged too
         fh.truncate(10)
