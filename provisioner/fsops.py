@@ -15,11 +15,13 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from provisioner.errors import BuildError, EnvironmentProblemError
 from provisioner.paths import (
@@ -99,6 +101,11 @@ def _temp_sibling(path: Path, tag: str) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or new file, never a mix."""
+    atomic_write_with(path, lambda fh: fh.write(data))
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace ``path`` with what ``write`` writes into the open file, all or nothing."""
     for _ in range(100):
         tmp = _temp_sibling(path, "tmp")
         try:
@@ -111,7 +118,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         rename_with_retry(tmp, path, rename=os.replace)
@@ -132,6 +139,30 @@ def remove_file(path: Path) -> None:
         _add_mode(os_path(path), stat.S_IWRITE)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os_path(path))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put the file ``src`` at the new path ``dst``: a hardlink, or an atomic copy.
+
+    ``dst`` never exists half-written; an existing ``dst`` is replaced.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(dst, "link")
+    try:
+        os.link(os_path(src), os_path(tmp))
+    except OSError:  # another filesystem, or no hardlinks there
+        def copy(fh: BinaryIO) -> None:
+            with open(os_path(src), "rb") as source:
+                shutil.copyfileobj(source, fh, 1 << 20)
+
+        atomic_write_with(dst, copy)
+        return
+    try:
+        rename_with_retry(tmp, dst, rename=os.replace)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(os_path(tmp))
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

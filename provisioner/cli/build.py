@@ -1,4 +1,4 @@
-"""Commands of the build domain: ensure, verify, gc."""
+"""Commands of the build domain: ensure, verify, gc, pack, mirror."""
 
 from __future__ import annotations
 
@@ -76,27 +76,40 @@ class _LoggedProgress:
               help="Give up after S seconds waiting for another build of KEY.")
 @click.option("--allow-cuda-mismatch", is_flag=True,
               help="Build even if the host CUDA driver is older than the lock needs.")
+@click.option("--from", "pack", default=None, metavar="PACK",
+              help="Build from a pack (a path, https:// or s3:// URL) and nothing else.")
+@click.option("--use-pack-lock", is_flag=True,
+              help="With --from: build the pack's own lock when it differs from the project's.")
 @json_option
 @click.pass_context
 def ensure_cmd(
     ctx: click.Context, key: str, project: Path | None, dry_run: bool, backend: str | None,
-    lock_timeout: float | None, allow_cuda_mismatch: bool, as_json: bool,
+    lock_timeout: float | None, allow_cuda_mismatch: bool, pack: str | None,
+    use_pack_lock: bool, as_json: bool,
 ) -> None:
     """Build KEY's env from its lock (or reuse it) and print its python."""
     from provisioner.build.ensure import EnsureOptions, ensure
 
+    if use_pack_lock and pack is None:
+        raise click.UsageError("--use-pack-lock needs --from PACK")
     config = make_config(ctx, project)
     progress: Any = None
     if options(ctx).verbose >= 2:  # debug lines and a live bar would garble each other
         progress = _LoggedProgress(key)
     elif progress_wanted(ctx, as_json) and not dry_run:
         progress = _RichProgress(key, options(ctx).color_flag)
-    result = ensure(config, key, EnsureOptions(
-        dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
-        allow_cuda_mismatch=allow_cuda_mismatch, progress=progress,
-    ))
+    opts = EnsureOptions(dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
+                         allow_cuda_mismatch=allow_cuda_mismatch, progress=progress)
+    if pack is not None:
+        from provisioner.build.from_pack import ensure_from_pack
+
+        packed = ensure_from_pack(config, key, pack, opts, use_pack_lock=use_pack_lock)
+        result, data = packed.result, packed.to_dict()
+    else:
+        result = ensure(config, key, opts)
+        data = result.to_dict()
     if as_json:
-        emit_json(result.to_dict())
+        emit_json(data)
     elif dry_run:
         plan = result.plan.to_dict()
         click.echo(f"plan for {key}: {result.action} ({result.plan.reason})")
@@ -170,3 +183,48 @@ def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, keep: int | 
                    "process (e.g. " + held.files[0] + "); the next gc retries it")
     freed = "would free" if dry_run else "freed"
     click.echo(f"{freed} {report.bytes_freed} bytes in {len(report.removed)} path(s)")
+
+
+@cli.command("pack")
+@click.argument("key")
+@project_options
+@click.option("--platform", default=None, metavar="P",
+              help="The platform to pack (default: this host's), e.g. linux-64.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The pack file (default: KEY-PLATFORM.tar here).")
+@json_option
+@click.pass_context
+def pack_cmd(ctx: click.Context, key: str, project: Path | None, platform: str | None,
+             output: Path | None, as_json: bool) -> None:
+    """Write one file with KEY's lock, spec and every archive of one platform."""
+    from provisioner.build.pack import make_pack
+
+    result = make_pack(make_config(ctx, project), key, platform=platform, output=output)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        click.echo(f"{result.path} ({result.conda_packages} conda archives, "
+                   f"{result.pip_wheels} wheels, {result.bytes} bytes, sha256 {result.sha256})")
+
+
+@cli.command("mirror")
+@click.argument("keys", nargs=-1, required=True)
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@project_options
+@click.option("--platform", "platforms", multiple=True, metavar="P",
+              help="Only these platforms (repeatable; default: every locked one).")
+@json_option
+@click.pass_context
+def mirror_cmd(ctx: click.Context, keys: tuple[str, ...], directory: Path,
+               project: Path | None, platforms: tuple[str, ...], as_json: bool) -> None:
+    """Add the conda archives of KEYS to DIRECTORY, a static channel mirror, and index it."""
+    from provisioner.build.mirror import make_mirror
+
+    result = make_mirror(make_config(ctx, project), keys, directory, platforms=platforms)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    for name, count in sorted(result.channels.items()):
+        click.echo(f"{result.directory / name}: {count} archives")
+    click.echo(f"added {result.added} archive(s) ({result.bytes_added} bytes), "
+               f"{result.present} already there")

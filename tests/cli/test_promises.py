@@ -33,7 +33,7 @@ CU121 = "sample-cu121-transformers"
 LLAMA = "meta-llama/Llama-2-7b-hf"
 ANSI = re.compile(r"\x1b\[")
 COMMANDS = ["lock", "show-lock", "diff", "sample", "ensure", "verify", "gc", "resolve", "migrate",
-            "list", "health", "doctor", "demo"]
+            "list", "health", "doctor", "demo", "pack", "mirror"]
 
 
 def validate(name: str, text: str) -> dict[str, Any]:
@@ -220,6 +220,14 @@ def test_every_command_json_matches_its_schema(world: Path, env: dict[str, str],
     assert dry["plan"]["packages_to_link"] == real["plan"]["packages_to_link"] > 0
     assert check("ensure", ["ensure", CPU])["plan"]["packages_to_link"] is None  # reuse
     assert check("verify", ["verify", CPU])["ok"] is True
+    packed = check("pack", ["pack", CPU, "-o", "cpu.tar"])
+    assert packed["path"] == str(project / "cpu.tar") and packed["conda_packages"] > 0
+    from_pack = check("ensure", ["ensure", CPU, "--from", "cpu.tar"])
+    assert from_pack["action"] == "reuse" and from_pack["pack"]["key"] == CPU
+    assert from_pack["pack"]["lock_sha256"] == packed["lock_sha256"]
+    mirrored = check("mirror", ["mirror", CPU, CU121, "mirror"])
+    mirror_dir = project / "mirror" / "provisioner-sample"
+    assert [c["path"] for c in mirrored["channels"]] == [str(mirror_dir)]
     check("gc", ["gc", "--dry-run"])
     assert check("resolve", ["resolve", "gpt2"])["source"] == "shared"
     assert check("resolve", ["resolve", LLAMA])["source"] == "legacy"

@@ -1,0 +1,166 @@
+"""``provisioner pack``: pixi-pack's layout, a sha256 manifest, and the same bytes every time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from provisioner.build.pack import TAR_MTIME, make_pack
+from provisioner.config import load_config
+from provisioner.errors import IntegrityError, LockfileError, UserError
+from provisioner.lock.platforms import host_platform
+from provisioner.lock.reader import read_lockfile
+from provisioner.sample.project import SampleProject, create_sample_project
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
+
+CPU = "sample-cpu-transformers"
+CU = "sample-cu121-transformers-bnb"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> SampleProject:
+    return create_sample_project(tmp_path_factory.mktemp("pack") / "sp")
+
+
+def members(pack: Path) -> dict[str, bytes]:
+    with tarfile.open(pack) as tar:
+        return {m.name: (tar.extractfile(m).read() if m.isfile() else b"")  # type: ignore[union-attr]
+                for m in tar.getmembers()}
+
+
+def test_pack_layout_follows_pixi_pack_and_lists_every_file(project: SampleProject,
+                                                            tmp_path: Path) -> None:
+    config = load_config(project.path, home=tmp_path / "home", environ={})
+    result = make_pack(config, CPU, output=tmp_path / "cpu.tar")
+    plat = host_platform()
+    files = members(result.path)
+    lock = read_lockfile(project.path / "lockfiles" / f"{CPU}.conda-lock.yml")
+    conda = lock.for_platform(plat, "conda")
+    assert result.conda_packages == len(conda) > 0 and result.pip_wheels == 0
+    # pixi-pack's metadata file and its environment.yml (exact name=version=build specs)
+    assert json.loads(files["pixi-pack.json"]) == {"platform": plat, "version": "1"}
+    env_lines = files["environment.yml"].decode().splitlines()
+    assert env_lines[:4] == ["channels:", "  - ./channel", "  - nodefaults", "dependencies:"]
+    assert env_lines[4:] == [f"  - {p.name}={p.version}={p.build}" for p in conda]
+    # every locked archive, with the lock's bytes, in channel/<subdir>/, indexed by rattler
+    for pkg in conda:
+        data = files[f"channel/{pkg.subdir}/{pkg.file_name}"]
+        assert hashlib.sha256(data).hexdigest() == pkg.sha256
+    for subdir in {p.subdir for p in conda} | {"noarch"}:
+        repodata = json.loads(files[f"channel/{subdir}/repodata.json"])
+        listed = set(repodata.get("packages", {})) | set(repodata.get("packages.conda", {}))
+        assert listed == {p.file_name for p in conda if p.subdir == subdir}
+        assert all("indexed_timestamp" not in r for r in repodata["packages"].values())
+    archives = [n for n in files if n.endswith(".tar.bz2")]
+    assert len(archives) == len(conda)  # nothing the lock does not pin (no other pytorch build)
+    # the lock and the spec it was made from, and a manifest of every other file
+    assert files[f"provisioner/{CPU}.conda-lock.yml"] == (
+        project.path / "lockfiles" / f"{CPU}.conda-lock.yml").read_bytes()
+    manifest = json.loads(files["provisioner/manifest.json"])
+    assert manifest["key"] == CPU and manifest["platform"] == plat
+    assert manifest["lock_sha256"] == result.lock_sha256 == hashlib.sha256(
+        files[f"provisioner/{CPU}.conda-lock.yml"]).hexdigest()
+    regular = {n for n, m in _infos(result.path).items() if m.isfile()}
+    assert set(manifest["files"]) == regular - {"provisioner/manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert entry == {"sha256": hashlib.sha256(files[name]).hexdigest(),
+                         "bytes": len(files[name])}
+    assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
+
+
+def _infos(pack: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(pack) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def test_pack_twice_gives_identical_bytes(project: SampleProject, tmp_path: Path) -> None:
+    # Two homes (a cold cache each), two output dirs, and a second, separately written project.
+    other = create_sample_project(tmp_path / "other")
+    first = make_pack(load_config(project.path, home=tmp_path / "h1", environ={}), CU,
+                      output=tmp_path / "a" / "p.tar")
+    second = make_pack(load_config(other.path, home=tmp_path / "h2", environ={}), CU,
+                       output=tmp_path / "b" / "p.tar")
+    assert first.path.read_bytes() == second.path.read_bytes()
+    infos = _infos(first.path)
+    names = list(infos)
+    assert names == sorted(names)
+    for info in infos.values():
+        assert (info.mtime, info.uid, info.gid, info.uname, info.gname) == (TAR_MTIME, 0, 0, "", "")
+        assert info.mode == (0o755 if info.isdir() else 0o644)
+        assert info.isdir() or info.isfile()
+    # uncompressed: a plain tar whose first block is the first member's header
+    assert first.path.read_bytes()[257:262] == b"ustar"
+    assert not list(first.path.parent.glob(".provisioner-pack-*"))  # the scratch dir is gone
+
+
+def test_pack_includes_the_pip_layer_wheels(project: SampleProject, tmp_path: Path) -> None:
+    from provisioner.lock.wheels import build_wheel
+    from provisioner.lock.write import lock_envs
+
+    dest = Path(shutil.copytree(project.path, tmp_path / "sp"))
+    build_wheel(dest / "wheels", "tinywheel", "1.0", requires=["numpy"])
+    spec = dest / "environment-specs" / f"{CPU}.yml"
+    spec.write_text(spec.read_text().replace(
+        "- transformers\nx-provisioner:", "- transformers\n- pip:\n  - tinywheel==1.0\n"
+        "x-provisioner:"), encoding="utf-8")
+    with (dest / "provisioner.toml").open("a", encoding="utf-8") as fh:
+        fh.write('\n[pip]\nno-index = true\nfind-links = ["wheels"]\n')
+    lock_envs(load_config(dest, environ={}), [CPU])
+    result = make_pack(load_config(dest, home=tmp_path / "home", environ={}), CPU,
+                       output=tmp_path / "p.tar")
+    files = members(result.path)
+    [wheel] = [n for n in files if n.startswith("pypi/")]
+    [entry] = read_lockfile(dest / "lockfiles" / f"{CPU}.conda-lock.yml").for_platform(
+        host_platform(), "pip")
+    assert wheel == f"pypi/{entry.file_name}" and result.pip_wheels == 1
+    assert hashlib.sha256(files[wheel]).hexdigest() == entry.sha256
+    assert files["environment.yml"].decode().endswith(
+        "  - pip:\n    - --no-index\n    - --find-links ./pypi\n    - tinywheel==1.0\n")
+    # Without the wheel anywhere, pack refuses rather than write a pack that cannot build.
+    shutil.rmtree(dest / "wheels")
+    with pytest.raises(UserError, match="no wheel with the locked sha256 for tinywheel"):
+        make_pack(load_config(dest, home=tmp_path / "home", environ={}), CPU,
+                  output=tmp_path / "q.tar")
+    assert not (tmp_path / "q.tar").exists()
+
+
+def test_pack_refuses_an_unlocked_platform_or_key(project: SampleProject, tmp_path: Path) -> None:
+    config = load_config(project.path, home=tmp_path / "home", environ={})
+    with pytest.raises(UserError, match="has no osx-arm64 packages"):
+        make_pack(config, CPU, platform="osx-arm64", output=tmp_path / "x.tar")
+    with pytest.raises(LockfileError, match="no-such-key has no lock"):
+        make_pack(config, "no-such-key", output=tmp_path / "x.tar")
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_pack_for_another_platform_holds_that_platforms_archives(project: SampleProject,
+                                                                 tmp_path: Path) -> None:
+    config = load_config(project.path, home=tmp_path / "home", environ={})
+    result = make_pack(config, CPU, platform="win-64", output=tmp_path / "w.tar")
+    files = members(result.path)
+    assert json.loads(files["pixi-pack.json"])["platform"] == "win-64"
+    assert any(n.startswith("channel/win-64/") and n.endswith(".tar.bz2") for n in files)
+    assert not any(n.startswith("channel/linux-64/") for n in files)
+
+
+def test_a_channel_archive_that_no_longer_matches_the_lock_is_not_packed(
+        project: SampleProject, tmp_path: Path) -> None:
+    dest = Path(shutil.copytree(project.path, tmp_path / "sp"))
+    lock = read_lockfile(dest / "lockfiles" / f"{CPU}.conda-lock.yml")
+    pkg = next(p for p in lock.for_platform(host_platform(), "conda") if p.name == "numpy")
+    archive = dest / "channel" / pkg.subdir / pkg.file_name
+    data = bytearray(archive.read_bytes())
+    data[-1] ^= 1
+    archive.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256 mismatch for numpy"):
+        make_pack(load_config(dest, home=tmp_path / "home", environ={}), CPU,
+                  output=tmp_path / "p.tar")
+    assert not (tmp_path / "p.tar").exists()
+
