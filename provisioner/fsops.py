@@ -141,16 +141,18 @@ def remove_file(path: Path) -> None:
             os.unlink(os_path(path))
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Put the file ``src`` at the new path ``dst``: a hardlink, or an atomic copy.
+def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
+    """Put the file ``src`` at ``dst``: a hardlink (where ``link`` and possible), or a copy.
 
     ``dst`` never exists half-written; an existing ``dst`` is replaced.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(dst, "link")
     try:
+        if not link:
+            raise OSError(errno.EXDEV, "a copy was asked for")
         os.link(os_path(src), os_path(tmp))
-    except OSError:  # another filesystem, or no hardlinks there
+    except OSError:  # another filesystem, no hardlinks there, or a copy wanted
         def copy(fh: BinaryIO) -> None:
             with open(os_path(src), "rb") as source:
                 shutil.copyfileobj(source, fh, 1 << 20)

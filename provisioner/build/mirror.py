@@ -88,6 +88,7 @@ def make_mirror(config: Config, keys: Sequence[str], directory: Path, *,
     out = MirrorResult(directory=directory.absolute(), keys=[validate_env_key(k) for k in keys])
     cache = HomeLayout(config.home).package_cache
     touched: set[str] = set()
+    done: set[Path] = set()  # noarch archives come once per platform
     for key in out.keys:
         path = lockfile_path(config.locks_dir, key)
         if not path.is_file():
@@ -106,8 +107,10 @@ def make_mirror(config: Config, keys: Sequence[str], directory: Path, *,
             for art in artifacts:
                 name = channel_dir_name(_owner(art.package, sources))
                 touched.add(name)
-                _add(out, art.path, out.directory / name / art.package.subdir /
-                     art.package.file_name, art.package.sha256)
+                dst = out.directory / name / art.package.subdir / art.package.file_name
+                if dst not in done:
+                    done.add(dst)
+                    _add(out, art.path, dst, art.package.sha256)
     for name in sorted(touched):
         index_pack_channel(out.directory / name)
         out.channels[name] = sum(1 for p in (out.directory / name).glob("*/*")
@@ -123,6 +126,8 @@ def _add(out: MirrorResult, src: Path, dst: Path, sha256: str | None) -> None:
                                       "remove the stale file, or mirror into a new directory")
         out.present += 1
         return
-    fsops.link_or_copy(src, dst)
+    # A copy: a mirror is edited and uploaded by hand, and must never share an inode
+    # with the package cache or a channel it was read from.
+    fsops.link_or_copy(src, dst, link=False)
     out.added += 1
     out.bytes_added += dst.stat().st_size
