@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shlex
@@ -22,7 +23,8 @@ from provisioner.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = [REPO / ".github" / "workflows" / "ci.yml",
-             REPO / ".github" / "workflows" / "update-locks.yml"]
+             REPO / ".github" / "workflows" / "update-locks.yml",
+             REPO / ".github" / "workflows" / "packs.yml"]
 HOOKS = REPO / ".pre-commit-hooks.yaml"
 _OPERATORS = {">", ">>", "<", "|", "||", "&", "&&", ";", "(", ")"}
 # Tokens after which a word is a command (not an argument, as in 'mypy provisioner').
@@ -99,7 +101,7 @@ def option_names(command: click.Command) -> set[str]:
 # --- actionlint ---------------------------------------------------------------------------
 
 
-def test_actionlint_passes_on_both_workflows() -> None:
+def test_actionlint_passes_on_every_workflow() -> None:
     exe = actionlint()
     if exe is None:
         if os.environ.get("CI"):
@@ -138,6 +140,8 @@ def test_every_provisioner_call_names_a_real_command_and_options() -> None:
     assert ("update-locks.yml", "lock", ("--update-all",)) in seen
     assert ("update-locks.yml", "diff", ("--git", "--markdown")) in seen
     assert (".pre-commit-hooks.yaml", "lock", ("--check",)) in seen
+    assert ("packs.yml", "pack", ("--platform", "-o", "--json")) in seen
+    assert ("packs.yml", "show-lock", ("--json",)) in seen
 
 
 def test_the_invocation_parser_itself() -> None:
@@ -163,6 +167,7 @@ CURRENT_ACTIONS = {
     "actions/setup-python": "v7",
     "actions/cache": "v6",
     "peter-evans/create-pull-request": "v8",
+    "actions/upload-artifact": "v7",
 }
 SUPPORTED_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
@@ -356,3 +361,52 @@ def test_pre_commit_hook() -> None:
     assert pattern.search("environment-specs/torch-cu121-transformers.yml")
     assert pattern.search("lockfiles/torch-cu121-transformers.conda-lock.yml")
     assert not pattern.search("provisioner/cli.py")
+
+
+def test_packs_are_built_per_key_and_platform_when_a_lock_changes() -> None:
+    wf = load(WORKFLOWS[2])
+    on = triggers(wf)
+    assert on["push"] == {"branches": ["main"], "paths": ["lockfiles/**"]}
+    assert "workflow_dispatch" in on
+    plan, pack = wf["jobs"]["plan"], wf["jobs"]["pack"]
+    assert pack["needs"] == "plan" and pack["if"] == "needs.plan.outputs.count != '0'"
+    assert pack["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
+    assert plan["outputs"]["matrix"] == "${{ steps.keys.outputs.matrix }}"
+    steps = pack["steps"]
+    run = next(s for s in steps if "provisioner pack" in s.get("run", ""))
+    assert run["env"]["KEY"] == "${{ matrix.key }}"
+    assert run["env"]["PLATFORM"] == "${{ matrix.platform }}"
+    assert 'provisioner pack "$KEY" --platform "$PLATFORM" -o "packs/$KEY-$PLATFORM.tar"' \
+        in run["run"]
+    upload = next(s for s in steps if str(s.get("uses", "")).startswith("actions/upload-art"))
+    assert steps.index(run) < steps.index(upload)
+    assert upload["with"]["name"] == "pack-${{ matrix.key }}-${{ matrix.platform }}"
+    assert upload["with"]["path"] == "packs/*.tar"
+    assert upload["with"]["if-no-files-found"] == "error"
+    [cache] = [s for s in steps if str(s.get("uses", "")).startswith("actions/cache@")]
+    assert cache["with"]["path"] == f"{run['env']['PROVISIONER_HOME']}/pkgs"
+    assert steps.index(cache) < steps.index(run)
+
+
+def test_the_pack_matrix_script_lists_each_key_and_platform(tmp_path: Path) -> None:
+    """The plan job's shell, run for real on a sample project (bash, jq and provisioner)."""
+    if shutil.which("jq") is None or shutil.which("bash") is None or sys.platform == "win32":
+        pytest.skip("the plan job's script needs bash and jq (both on GitHub's runners)")
+    from provisioner.sample.project import create_sample_project, sample_platforms
+
+    project = create_sample_project(tmp_path / "sp")
+    job = load(WORKFLOWS[2])["jobs"]["plan"]
+    step = next(s for s in job["steps"] if s.get("id") == "keys")
+    output = tmp_path / "github-output"
+    env = {**os.environ, "GITHUB_OUTPUT": str(output),
+           "PATH": f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", step["run"]],
+                            cwd=project.path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    values = dict(line.split("=", 1) for line in output.read_text().splitlines())
+    matrix = json.loads(values["matrix"])
+    expected = [{"key": k, "platform": p} for k in sorted(project.keys)
+                for p in sorted(sample_platforms())]
+    assert sorted(matrix["include"], key=lambda e: (e["key"], e["platform"])) == expected
+    assert values["count"] == str(len(expected))
