@@ -119,6 +119,16 @@ def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSourc
     fetch_all(jobs, timeout=timeout, config=config)
 
 
+def forget_verified(cache_dir: Path, root: Path) -> None:
+    """Drop the remembered hashes of files under ``root`` (an unpacked pack, now removed)."""
+    memo = _HashMemo(cache_dir / "verified-sha256.json")
+    prefix = str(root).rstrip("/\\")
+    for key in [k for k in memo.entries if k.startswith((prefix + "/", prefix + "\\"))]:
+        del memo.entries[key]
+        memo.dirty = True
+    memo.save()
+
+
 def verify_artifacts(
     packages: Sequence[LockedPackage], sources: list[ChannelSource], cache_dir: Path,
     *, fetch_timeout: float = DOWNLOAD_TIMEOUT_S, config: Config | None = None,

@@ -13,19 +13,23 @@ afterwards; a ready env of the same lock is reused without unpacking.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner import fsops
+from provisioner.build.artifacts import forget_verified
 from provisioner.build.ensure import EnsureOptions, EnsureResult, ensure
 from provisioner.build.home_checks import check_home
 from provisioner.build.layout import HomeLayout
 from provisioner.build.pack import CHANNEL, PYPI
 from provisioner.build.pack_read import PackError, PackInfo, read_pack_info, unpack_pack
 from provisioner.config import LOCKS_DIR_NAME, SPECS_DIR_NAME, Config, PipSettings
+from provisioner.contained import pid_alive
 from provisioner.keys import validate_env_key
 from provisioner.lock.channels import canonical_channel_url, file_url_to_path, path_to_file_url
 from provisioner.lock.eol import read_lf_bytes
@@ -33,6 +37,7 @@ from provisioner.lock.lockfile import lockfile_path
 from provisioner.lock.platforms import host_platform
 
 REMOTE_SCHEMES = ("https", "http", "s3")
+_UNPACK_PREFIX = ".pack-"
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,9 @@ def ensure_from_pack(config: Config, key: str, source: str, options: EnsureOptio
     layout = HomeLayout(config.home)
     check_home(layout)
     layout.staging.mkdir(parents=True, exist_ok=True)
+    _remove_dead_unpacks(layout.staging)
     # Not a "<key>.<gen>.<hex>" name: gc leaves it to its owner, which removes it below.
-    work = layout.staging / f".pack-{secrets.token_hex(4)}"
+    work = layout.staging / f"{_UNPACK_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     work.mkdir()
     fsops.write_marker(work, "unpacked pack")
     try:
@@ -79,6 +85,18 @@ def ensure_from_pack(config: Config, key: str, source: str, options: EnsureOptio
         return FromPackResult(ensure(built, key, options), info, not own_lock)
     finally:
         fsops.safe_rmtree(work)
+        with contextlib.suppress(OSError):  # only bookkeeping: never hide the real outcome
+            forget_verified(layout.package_cache, work)
+
+
+def _remove_dead_unpacks(staging: Path) -> None:
+    """Unpacked packs left by a killed ``ensure --from`` (its pid is in the name)."""
+    for entry in staging.glob(f"{_UNPACK_PREFIX}*"):
+        pid = entry.name[len(_UNPACK_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) \
+                and fsops.has_marker(entry):
+            with contextlib.suppress(OSError):
+                fsops.safe_rmtree(entry)
 
 
 def _obtain(source: str, work: Path, timeout: float) -> Path:

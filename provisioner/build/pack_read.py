@@ -84,6 +84,10 @@ def _open(file: Path, label: str) -> tarfile.TarFile:
     except (tarfile.TarError, EOFError) as exc:
         raise PackError(f"pack {label} is not a pack (not an uncompressed tar: {exc})",
                         hint="give a file made by 'provisioner pack'") from None
+    except OSError as exc:
+        raise PackError(f"cannot read pack {label}: {exc.strerror or exc}",
+                        hint="give the path or URL of a file made by 'provisioner pack'"
+                        ) from None
 
 
 def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, label: str) -> Any:
@@ -110,6 +114,9 @@ def read_pack_info(file: Path, label: str) -> PackInfo:
         for member in _members(tar, label):
             if member.name in (MANIFEST, METADATA) and member.name not in found:
                 found[member.name] = _read_small(tar, member, label)
+    if METADATA in found and MANIFEST not in found and _complete(file):
+        raise PackError(f"pack {label} is a pixi-pack without provisioner's manifest and lock",
+                        hint="make it with 'provisioner pack', or unpack it with pixi-unpack")
     if METADATA not in found or MANIFEST not in found:
         missing = METADATA if METADATA not in found else MANIFEST
         raise PackError(f"pack {label} is truncated or not a pack: it has no {missing}",
@@ -119,6 +126,20 @@ def read_pack_info(file: Path, label: str) -> PackInfo:
         raise PackError(f"pack {label}: unsupported pack format "
                         f"{meta.get('version') if isinstance(meta, dict) else meta!r}")
     return _checked_manifest(file, label, manifest, meta.get("platform"))
+
+
+def _complete(file: Path) -> bool:
+    """Whether the tar ends with its end-of-archive blocks (two zero blocks), i.e. is whole."""
+    try:
+        with file.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            if size < 1024 or size % 512:
+                return False
+            fh.seek(size - 1024)
+            return fh.read(1024) == bytes(1024)
+    except OSError:
+        return False
 
 
 def _checked_manifest(file: Path, label: str, manifest: Any, platform: object) -> PackInfo:

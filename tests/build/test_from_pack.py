@@ -145,6 +145,8 @@ def test_ensure_from_a_pack_offline_builds_a_verified_env(
     assert "deep" in deep.stdout
     assert run_python(Path(data["python"]), "import torch, transformers; print('ok')") == "ok"
     assert list((home / ".staging").iterdir()) == []  # the unpacked pack is gone
+    remembered = json.loads((home / "pkgs" / "verified-sha256.json").read_text())
+    assert not [path for path in remembered if "/.staging/" in path]  # and its hashes
     # Again: the ready env is reused, the pack is only read for its identity.
     again = cli(["ensure", key, "--from", str(packs[key]), "--home", str(home), "--json"],
                 where, offline=True)
@@ -271,3 +273,22 @@ def test_a_tampered_archive_is_refused(project: SampleProject, packs: dict[str, 
     else:
         refused(result, "does not match the pack's manifest")
     nothing_promoted(home, CPU)
+
+
+def test_an_unpacked_pack_left_by_a_killed_run_is_removed(project: SampleProject,
+                                                          packs: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    from provisioner import fsops
+
+    home = tmp_path / "home"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left = home / ".staging" / f".pack-{dead}-0badc0de"
+    (left / "pack" / "channel").mkdir(parents=True)
+    fsops.write_marker(left, "unpacked pack")
+    unowned = home / ".staging" / f".pack-{dead}-notours"
+    unowned.mkdir()  # no marker: not provably provisioner's, so left alone
+    result = cli(["ensure", CPU, "--from", str(packs[CPU]), "--home", str(home)],
+                 node(project, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (home / ".staging").iterdir()) == [unowned.name]

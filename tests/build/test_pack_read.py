@@ -165,3 +165,18 @@ def test_a_manifest_whose_platform_disagrees_with_pixi_pack_json(pack: Path,
     rewrite_manifest(root, {"platform": "win-64" if host_platform() != "win-64" else "linux-64"})
     with pytest.raises(PackError, match="its manifest names the platform"):
         read_pack_info(repack(root, tmp_path / "p.tar"), "p.tar")
+
+
+def test_a_plain_pixi_pack_is_named_as_such(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = json.dumps({"version": "1", "platform": host_platform()}).encode()
+        info = tarfile.TarInfo("pixi-pack.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    plain = tmp_path / "environment.tar"
+    plain.write_bytes(buf.getvalue())
+    with pytest.raises(PackError, match="a pixi-pack without provisioner's manifest and lock"):
+        read_pack_info(plain, "environment.tar")
+    with pytest.raises(PackError, match="cannot read pack"):
+        read_pack_info(tmp_path, "a directory")
