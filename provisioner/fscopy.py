@@ -1,4 +1,4 @@
-"""Copy promotion: copy a tree into place, keeping its link structure.
+"""Copies: a tree copied into place keeping its link structure, and one file linked or copied.
 
 The fallback of promotion when a rename cannot be used (``EXDEV``, or a forced
 copy on Windows and cross-filesystem setups). An env that rattler hardlinked
@@ -10,9 +10,11 @@ renames and cleanup) to keep that module small.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 from provisioner.errors import BuildError, ProvisionerError
 from provisioner.fsops import (
@@ -20,6 +22,7 @@ from provisioner.fsops import (
     RENAME_RETRY_BUDGET_S,
     _list_dir,
     _temp_sibling,
+    atomic_write_with,
     fsync_dir,
     rename_with_retry,
     safe_rmtree,
@@ -96,3 +99,27 @@ def copy_tree_into(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
+    """Put the file ``src`` at ``dst``: a hardlink (where ``link`` and possible), or a copy.
+
+    ``dst`` never exists half-written; an existing ``dst`` is replaced.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(dst, "link")
+    try:
+        if not link:
+            raise OSError(errno.EXDEV, "a copy was asked for")
+        os.link(os_path(src), os_path(tmp))
+    except OSError:  # another filesystem, no hardlinks there, or a copy wanted
+        def copy(fh: BinaryIO) -> None:
+            with open(os_path(src), "rb") as source:
+                shutil.copyfileobj(source, fh, 1 << 20)
+
+        atomic_write_with(dst, copy)
+        return
+    try:
+        rename_with_retry(tmp, dst, rename=os.replace)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(os_path(tmp))
+        raise

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import stat
 import sys
 import time
@@ -104,8 +103,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write_with(path, lambda fh: fh.write(data))
 
 
-def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Replace ``path`` with what ``write`` writes into the open file, all or nothing."""
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object], *,
+                      durable: bool = True) -> None:
+    """Replace ``path`` with what ``write`` writes into the open file, all or nothing.
+
+    ``durable=False`` skips the fsyncs, for scratch files that a crash may lose.
+    """
     for _ in range(100):
         tmp = _temp_sibling(path, "tmp")
         try:
@@ -120,13 +123,15 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         rename_with_retry(tmp, path, rename=os.replace)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(os_path(tmp))
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def remove_file(path: Path) -> None:
@@ -139,32 +144,6 @@ def remove_file(path: Path) -> None:
         _add_mode(os_path(path), stat.S_IWRITE)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os_path(path))
-
-
-def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
-    """Put the file ``src`` at ``dst``: a hardlink (where ``link`` and possible), or a copy.
-
-    ``dst`` never exists half-written; an existing ``dst`` is replaced.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(dst, "link")
-    try:
-        if not link:
-            raise OSError(errno.EXDEV, "a copy was asked for")
-        os.link(os_path(src), os_path(tmp))
-    except OSError:  # another filesystem, no hardlinks there, or a copy wanted
-        def copy(fh: BinaryIO) -> None:
-            with open(os_path(src), "rb") as source:
-                shutil.copyfileobj(source, fh, 1 << 20)
-
-        atomic_write_with(dst, copy)
-        return
-    try:
-        rename_with_retry(tmp, dst, rename=os.replace)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(os_path(tmp))
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner import fscopy
 from provisioner.build.ensure import ensure
 from provisioner.build.layout import HomeLayout
 from provisioner.config import load_config
@@ -153,3 +154,15 @@ def test_copy_promotion_shares_the_cache_and_adds_only_its_own_bytes(
     } | {(pointer.st_dev, pointer.st_ino)}
     for rel in own_second:
         assert rel.startswith(_PER_ENV) or rel in _written_for_env(second.prefix), rel
+
+
+def test_link_or_copy_links_or_copies_and_replaces(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"archive")
+    fscopy.link_or_copy(src, tmp_path / "a" / "linked")
+    assert (tmp_path / "a" / "linked").stat().st_ino == src.stat().st_ino
+    copied = tmp_path / "copied"
+    copied.write_bytes(b"stale")
+    fscopy.link_or_copy(src, copied, link=False)
+    assert copied.read_bytes() == b"archive" and copied.stat().st_ino != src.stat().st_ino
+    assert sorted(os.listdir(tmp_path)) == ["a", "copied", "src"]  # no temp file left

@@ -92,18 +92,6 @@ def test_failed_flush_keeps_old_content_and_no_temp(
     assert os.listdir(tmp_path) == ["state"]
 
 
-def test_link_or_copy_links_or_copies_and_replaces(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.write_bytes(b"archive")
-    fsops.link_or_copy(src, tmp_path / "a" / "linked")
-    assert (tmp_path / "a" / "linked").stat().st_ino == src.stat().st_ino
-    copied = tmp_path / "copied"
-    copied.write_bytes(b"stale")
-    fsops.link_or_copy(src, copied, link=False)
-    assert copied.read_bytes() == b"archive" and copied.stat().st_ino != src.stat().st_ino
-    assert sorted(os.listdir(tmp_path)) == ["a", "copied", "src"]  # no temp file left
-
-
 def test_atomic_write_with_a_failing_writer_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "pack.tar"
     target.write_bytes(b"old")

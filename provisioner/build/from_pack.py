@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner import fsops
+from provisioner import fscopy, fsops
 from provisioner.build.artifacts import forget_verified
 from provisioner.build.ensure import EnsureOptions, EnsureResult, ensure
 from provisioner.build.home_checks import check_home
@@ -164,8 +164,8 @@ def _pack_config(config: Config, key: str, info: PackInfo, unpacked: Path, work:
                             hint="the pack was altered; make it again with 'provisioner pack'")
         # The pack's lock and spec stand in for the project's, for this build only.
         project = work / "project"
-        fsops.link_or_copy(lock_file, lockfile_path(project / LOCKS_DIR_NAME, key))
-        fsops.link_or_copy(unpacked / spec_member(key),
+        fscopy.link_or_copy(lock_file, lockfile_path(project / LOCKS_DIR_NAME, key))
+        fscopy.link_or_copy(unpacked / spec_member(key),
                            project / SPECS_DIR_NAME / f"{key}.yml")
     locks_dir, specs_dir = project / LOCKS_DIR_NAME, project / SPECS_DIR_NAME
     names = {*read_lockfile(lockfile_path(locks_dir, key)).channels,

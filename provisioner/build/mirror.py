@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner import fsops
+from provisioner import fscopy
 from provisioner.build.artifacts import sha256_file, verify_artifacts
 from provisioner.build.layout import HomeLayout
 from provisioner.build.pack import index_pack_channel
@@ -128,6 +128,6 @@ def _add(out: MirrorResult, src: Path, dst: Path, sha256: str | None) -> None:
         return
     # A copy: a mirror is edited and uploaded by hand, and must never share an inode
     # with the package cache or a channel it was read from.
-    fsops.link_or_copy(src, dst, link=False)
+    fscopy.link_or_copy(src, dst, link=False)
     out.added += 1
     out.bytes_added += dst.stat().st_size

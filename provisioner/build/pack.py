@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from provisioner import fsops
+from provisioner import fscopy, fsops
 from provisioner.build.artifacts import sha256_file, verify_artifacts
 from provisioner.build.layout import HomeLayout
 from provisioner.config import Config
@@ -172,7 +172,7 @@ def _place(src: Path, dst: Path, sha256: str | None) -> None:
                                  f"the lock's channels; one pack channel cannot hold both",
                                  hint="pack a lock whose channels do not share file names")
         return
-    fsops.link_or_copy(src, dst)
+    fscopy.link_or_copy(src, dst)
 
 
 def index_pack_channel(channel: Path) -> None:

@@ -245,7 +245,7 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, sha256
                 f"(sha256 {digest.hexdigest()}, manifest {sha256})",
                 hint="the pack was altered; make it again with 'provisioner pack'")
 
-    fsops.atomic_write_with(target, copy)
+    fsops.atomic_write_with(target, copy, durable=False)  # scratch, removed after the build
 
 
 def _stream(source: IO[bytes], out: BinaryIO, digest: Any, size: int, label: str,
