@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import shutil
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -24,8 +23,6 @@ from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
 from provisioner.sample.stack import SAMPLE_CHANNEL
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CPU = "sample-cpu-transformers"
 CU = "sample-cu121-transformers-bnb"
@@ -122,7 +119,7 @@ def test_a_mirror_directory_works_as_the_channel_root(project: SampleProject,
                                                       tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
     make_mirror(load_config(project.path, home=tmp_path / "h0", environ={}), [CPU], mirror)
-    where = node(project, tmp_path, f'channel-root = "{mirror}"\n')
+    where = node(project, tmp_path, f'channel-root = "{mirror.as_posix()}"\n')
     assert ensure(load_config(where, home=tmp_path / "home", environ={}), CPU).action == "build"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from provisioner.errors import IntegrityError, LockfileError, UserError
 from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lockfile
 from provisioner.sample.project import SampleProject, create_sample_project
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CPU = "sample-cpu-transformers"
 CU = "sample-cu121-transformers-bnb"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from provisioner.config import load_config
 from provisioner.errors import IntegrityError
 from provisioner.lock.platforms import host_platform
 from provisioner.sample.project import create_sample_project
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not ported to Windows yet")
 
 CPU = "sample-cpu-transformers"
 
