@@ -62,6 +62,9 @@ def ensure_from_pack(config: Config, key: str, source: str, options: EnsureOptio
     nothing is promoted.
     """
     validate_env_key(key)
+    opts = options or EnsureOptions()
+    if opts.dry_run and "://" not in source:
+        return _dry_run(config, key, source, opts, use_pack_lock)
     layout = HomeLayout(config.home)
     check_home(layout)
     layout.staging.mkdir(parents=True, exist_ok=True)
@@ -77,16 +80,33 @@ def ensure_from_pack(config: Config, key: str, source: str, options: EnsureOptio
             from provisioner.build.plan import make_plan
 
             if make_plan(config, key).action == "reuse":
-                return FromPackResult(ensure(config, key, options), info, False)
+                return FromPackResult(ensure(config, key, opts), info, False)
         unpacked = work / "pack"
         unpacked.mkdir()
         unpack_pack(info, unpacked)
         built = _pack_config(config, key, info, unpacked, work, own_lock)
-        return FromPackResult(ensure(built, key, options), info, not own_lock)
+        return FromPackResult(ensure(built, key, opts), info, not own_lock)
     finally:
         fsops.safe_rmtree(work)
         with contextlib.suppress(OSError):  # only bookkeeping: never hide the real outcome
             forget_verified(layout.package_cache, work)
+
+
+def _dry_run(config: Config, key: str, source: str, opts: EnsureOptions,
+             use_pack_lock: bool) -> FromPackResult:
+    """The checks and the plan, writing nothing in the home (the lock read from the pack)."""
+    import tempfile
+
+    from provisioner.build.pack import lock_member, spec_member
+
+    info = read_pack_info(_obtain(source, Path(), config.fetch_timeout), source)
+    own_lock = _check_identity(config, key, info, use_pack_lock)
+    with tempfile.TemporaryDirectory(prefix="provisioner-pack-plan-") as tmp:
+        unpacked = Path(tmp) / "pack"
+        unpacked.mkdir()
+        unpack_pack(info, unpacked, only=frozenset({lock_member(key), spec_member(key)}))
+        built = _pack_config(config, key, info, unpacked, Path(tmp), own_lock)
+        return FromPackResult(ensure(built, key, opts), info, not own_lock)
 
 
 def _remove_dead_unpacks(staging: Path) -> None:

@@ -194,9 +194,12 @@ def _dirs_of(files: dict[str, tuple[str, int]]) -> set[str]:
     return dirs
 
 
-def unpack_pack(info: PackInfo, dest: Path) -> None:
-    """Extract ``info``'s pack into the empty directory ``dest``, checking every member."""
-    needed = sum(size for _sha, size in info.files.values())
+def unpack_pack(info: PackInfo, dest: Path, *, only: frozenset[str] | None = None) -> None:
+    """Extract ``info``'s pack into the empty directory ``dest``, checking every member.
+
+    With ``only``, just those files are written (every member is still checked).
+    """
+    needed = sum(size for name, (_sha, size) in info.files.items() if not only or name in only)
     free = free_disk_bytes(dest)
     if free < needed:
         raise EnvironmentProblemError(
@@ -208,7 +211,8 @@ def unpack_pack(info: PackInfo, dest: Path) -> None:
         for member in _members(tar, info.label):
             name = member.name.rstrip("/") if member.isdir() else member.name
             if member.isdir() and name in dirs:
-                (dest / name).mkdir(parents=True, exist_ok=True)
+                if only is None:
+                    (dest / name).mkdir(parents=True, exist_ok=True)
                 continue
             if name == MANIFEST and member.isfile():
                 continue  # read already by read_pack_info
@@ -223,7 +227,8 @@ def unpack_pack(info: PackInfo, dest: Path) -> None:
                                      f"its manifest says {expected[1]}",
                                      hint="the pack was altered; make it again")
             seen.add(name)
-            _extract(tar, member, dest / name, expected[0], info.label)
+            if only is None or name in only:
+                _extract(tar, member, dest / name, expected[0], info.label)
     missing = sorted(set(info.files) - seen)
     if missing:
         raise _damaged(info.label, f"{len(missing)} file(s) of its manifest are missing, "

@@ -291,3 +291,28 @@ def test_an_unpacked_pack_left_by_a_killed_run_is_removed(project: SampleProject
                  node(project, tmp_path))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (home / ".staging").iterdir()) == [unowned.name]
+
+
+def test_a_dry_run_checks_the_pack_and_writes_nothing(project: SampleProject,
+                                                      packs: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    where = node(project, tmp_path)
+    pack_generation = make_plan(load_config(where, home=tmp_path / "x", environ={}),
+                                CPU).generation
+    home = tmp_path / "home"
+    dry = cli(["ensure", CPU, "--from", str(packs[CPU]), "--dry-run", "--home", str(home),
+               "--json"], where)
+    assert dry.returncode == 0, dry.stderr
+    data = json.loads(dry.stdout)
+    assert data["dry_run"] is True and data["action"] == "build"
+    assert data["generation"] == pack_generation
+    assert not home.exists()
+    refused(cli(["ensure", CPU, "--from", str(packs["other-platform"]), "--dry-run", "--home",
+                 str(home)], where), "this host is")
+    lock = where / "lockfiles" / f"{CPU}.conda-lock.yml"
+    lock.write_text(lock.read_text() + "# edited on the node\n", encoding="utf-8")
+    other = cli(["ensure", CPU, "--from", str(packs[CPU]), "--use-pack-lock", "--dry-run",
+                 "--home", str(home), "--json"], where)
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["generation"] == pack_generation  # the pack's lock
+    assert not home.exists()
