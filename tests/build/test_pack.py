@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -161,3 +163,38 @@ def test_a_channel_archive_that_no_longer_matches_the_lock_is_not_packed(
                   output=tmp_path / "p.tar")
     assert not (tmp_path / "p.tar").exists()
 
+
+
+def test_the_pack_installs_from_its_repodata_alone_as_pixi_unpack_does(
+        project: SampleProject, tmp_path: Path) -> None:
+    """pixi-unpack's procedure (its src/unpack.rs), with py-rattler: no lock, no provisioner.
+
+    Read pixi-pack.json, take every record of every channel/<subdir>/repodata.json, install
+    them all into a prefix; the env must be the lock's and its python must run.
+    """
+    import rattler
+
+    from provisioner.build.layout import python_path
+    from provisioner.lock.solve import run_rattler
+
+    pack = make_pack(load_config(project.path, home=tmp_path / "home", environ={}), CPU,
+                     output=tmp_path / "p.tar").path
+    root = tmp_path / "unpacked"
+    with tarfile.open(pack) as tar:
+        tar.extractall(root, filter="data")
+    meta = json.loads((root / "pixi-pack.json").read_text())
+    assert meta == {"platform": host_platform(), "version": "1"}
+    records = []
+    for subdir in sorted(p for p in (root / "channel").iterdir() if p.is_dir()):
+        repodata = rattler.RepoData.from_path(subdir / "repodata.json")
+        records += repodata.into_repo_data(rattler.Channel(subdir.parent.as_uri()))
+    lock = read_lockfile(project.path / "lockfiles" / f"{CPU}.conda-lock.yml")
+    assert sorted(r.file_name for r in records) == sorted(
+        p.file_name for p in lock.for_platform(host_platform(), "conda"))
+    prefix = tmp_path / "env"
+    run_rattler(rattler.install(records, target_prefix=prefix, cache_dir=tmp_path / "cache",
+                                show_progress=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    ran = subprocess.run([str(python_path(prefix)), "-c", "import torch; print(torch.__version__)"],
+                         capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert ran.returncode == 0 and ran.stdout.strip() == "2.2.1", ran.stderr
