@@ -156,3 +156,29 @@ def test_local_round_trip_on_this_machine(tmp_path: Path) -> None:
     assert not url.endswith("/")
     assert file_url_to_path(url) == target
     assert file_url_to_path(url + "/noarch/x.conda") == target / "noarch" / "x.conda"
+
+
+def test_mirrors_on_any_static_storage_rewrite_only_where_archives_come_from(
+        tmp_path: Path) -> None:
+    """[channels] maps a name (or its canonical URL) to file://, https:// or s3:// storage."""
+    from provisioner.build.url_checks import confined_source
+    from provisioner.lock.lockfile import LockedPackage
+
+    local = tmp_path / "mirror" / "conda-forge"
+    local.mkdir(parents=True)
+    (tmp_path / "provisioner.toml").write_text(
+        "[channels]\n"
+        f'conda-forge = "{local.as_posix()}"\n'
+        'pytorch = "https://mirror.example.invalid/static/pytorch/"\n'
+        '"https://conda.anaconda.org/nvidia" = "s3://bucket/mirror/nvidia"\n', encoding="utf-8")
+    config = load_config(tmp_path, environ={})
+    sources = resolve_channels(("conda-forge", "pytorch", "nvidia"), config)
+    assert [s.source for s in sources] == [path_to_file_url(local),
+                                          "https://mirror.example.invalid/static/pytorch",
+                                          "s3://bucket/mirror/nvidia"]
+    for src, file_name in zip(sources, ("a-1-0.conda", "b-1-0.tar.bz2", "c-1-0.conda"),
+                              strict=True):
+        pkg = LockedPackage(name="x", version="1", manager="conda", platform="linux-64",
+                            url=f"{src.canonical}/linux-64/{file_name}", sha256="0" * 64)
+        assert confined_source(pkg, sources) == f"{src.source}/linux-64/{file_name}"
+        assert src.canonical.startswith("https://conda.anaconda.org/")  # what locks record
