@@ -111,11 +111,14 @@ def make_pack(config: Config, key: str, *, platform: str | None = None,
     # Beside the output: hardlinks work when the cache is on that filesystem, and /tmp may be small.
     with tempfile.TemporaryDirectory(prefix=".provisioner-pack-", dir=out.parent) as tmp:
         root = Path(tmp)
+        known: dict[str, str | None] = {}  # sha256 checked against the lock just now
         for art in artifacts:
-            _place(art.path, root / CHANNEL / art.package.subdir / art.package.file_name,
-                   art.package.sha256)
+            name = f"{CHANNEL}/{art.package.subdir}/{art.package.file_name}"
+            _place(art.path, root / name, art.package.sha256)
+            known[name] = art.package.sha256
         for entry, path in zip(wheels, wheel_files, strict=True):
             _place(path, root / PYPI / entry.file_name, entry.sha256)
+            known[f"{PYPI}/{entry.file_name}"] = entry.sha256
         index_pack_channel(root / CHANNEL)
         fsops.atomic_write_bytes(root / METADATA, _json({"platform": plat,
                                                          "version": PACK_FORMAT}))
@@ -128,10 +131,11 @@ def make_pack(config: Config, key: str, *, platform: str | None = None,
         fsops.atomic_write_bytes(root / MANIFEST, _json({
             "format": 1, "key": key, "platform": plat, "lock": lock_member(key),
             "spec": spec_member(key), "lock_sha256": lock_sha,
-            "files": {name: {"sha256": sha256_file(root / name),
+            "files": {name: {"sha256": known.get(name) or sha256_file(root / name),
                              "bytes": (root / name).stat().st_size} for name in files},
         }))
-        fsops.atomic_write_with(out, lambda fh: write_tar(fh, root))
+        expected = {name: entry for name, entry in known.items() if entry}
+        fsops.atomic_write_with(out, lambda fh: write_tar(fh, root, expected))
     return PackResult(key=key, platform=plat, path=out, sha256=sha256_file(out),
                       bytes=out.stat().st_size, conda_packages=len(conda),
                       pip_wheels=len(wheels), lock_sha256=lock_sha)
@@ -212,8 +216,25 @@ def _relative_files(root: Path) -> list[str]:
     return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
 
 
-def write_tar(fh: BinaryIO, root: Path) -> None:
-    """Every dir and file under ``root``, sorted, with fixed headers."""
+class _Hashing:
+    """A file read through ``read`` that hashes what it hands out."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+
+def write_tar(fh: BinaryIO, root: Path, expected: dict[str, str] | None = None) -> None:
+    """Every dir and file under ``root``, sorted, with fixed headers.
+
+    A file named in ``expected`` must still have that sha256 as it is written (an
+    archive changed in the cache since it was verified stops the pack).
+    """
     entries = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
     with tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name in entries:
@@ -226,5 +247,12 @@ def write_tar(fh: BinaryIO, root: Path) -> None:
                 continue
             info.size, info.mode = path.stat().st_size, 0o644
             with path.open("rb") as data:
-                tar.addfile(info, data)
+                reader = _Hashing(data)
+                tar.addfile(info, reader)  # type: ignore[arg-type]  # only read() is used
+            want = (expected or {}).get(name)
+            if want is not None and reader.digest.hexdigest() != want:
+                raise IntegrityError(f"{name} changed while it was packed (sha256 "
+                                     f"{reader.digest.hexdigest()}, the lock has {want})",
+                                     hint="something wrote into the package cache or channel; "
+                                          "pack again")
 

@@ -198,3 +198,18 @@ def test_the_pack_installs_from_its_repodata_alone_as_pixi_unpack_does(
     ran = subprocess.run([str(python_path(prefix)), "-c", "import torch; print(torch.__version__)"],
                          capture_output=True, text=True, env=env, timeout=60, check=False)
     assert ran.returncode == 0 and ran.stdout.strip() == "2.2.1", ran.stderr
+
+
+def test_an_archive_that_changes_while_it_is_packed_stops_the_pack(tmp_path: Path) -> None:
+    from provisioner.build.pack import write_tar
+
+    root = tmp_path / "tree"
+    (root / "channel" / "noarch").mkdir(parents=True)
+    (root / "channel" / "noarch" / "a-1-0.tar.bz2").write_bytes(b"changed in the cache")
+    out = tmp_path / "p.tar"
+    with out.open("wb") as fh, pytest.raises(IntegrityError, match="changed while it was packed"):
+        write_tar(fh, root, {"channel/noarch/a-1-0.tar.bz2": hashlib.sha256(b"locked").hexdigest()})
+    with out.open("wb") as fh:
+        write_tar(fh, root, {"channel/noarch/a-1-0.tar.bz2": hashlib.sha256(
+            b"changed in the cache").hexdigest()})
+    assert "channel/noarch/a-1-0.tar.bz2" in members(out)
