@@ -74,7 +74,7 @@ def ensure_from_pack(config: Config, key: str, source: str, options: EnsureOptio
     work.mkdir()
     fsops.write_marker(work, "unpacked pack")
     try:
-        info = read_pack_info(_obtain(source, work, config.fetch_timeout), source)
+        info = read_pack_info(_obtain(source, work, config), source)
         own_lock = _check_identity(config, key, info, use_pack_lock)
         if own_lock:
             from provisioner.build.plan import make_plan
@@ -99,7 +99,7 @@ def _dry_run(config: Config, key: str, source: str, opts: EnsureOptions,
 
     from provisioner.build.pack import lock_member, spec_member
 
-    info = read_pack_info(_obtain(source, Path(), config.fetch_timeout), source)
+    info = read_pack_info(_obtain(source, Path(), config), source)
     own_lock = _check_identity(config, key, info, use_pack_lock)
     with tempfile.TemporaryDirectory(prefix="provisioner-pack-plan-") as tmp:
         unpacked = Path(tmp) / "pack"
@@ -119,8 +119,13 @@ def _remove_dead_unpacks(staging: Path) -> None:
                 fsops.safe_rmtree(entry)
 
 
-def _obtain(source: str, work: Path, timeout: float) -> Path:
-    """A local path of the pack: the file itself, or a download into ``work``."""
+def _obtain(source: str, work: Path, config: Config) -> Path:
+    """A local path of the pack: the file itself, or a download into ``work``.
+
+    ``https://`` and ``s3://`` go through ``build.transport`` (rattler's client: its
+    authentication storage, S3 credentials and ``[s3-options]``, proxies); the
+    pack's integrity is its manifest's and the lock's business, checked after.
+    """
     scheme, sep, _rest = source.partition("://")
     if not sep:
         return Path(source).expanduser().absolute()
@@ -129,10 +134,13 @@ def _obtain(source: str, work: Path, timeout: float) -> Path:
     if scheme.lower() not in REMOTE_SCHEMES:
         raise PackError(f"pack {source}: unsupported URL scheme {scheme!r}",
                         hint="give a path, or an https:// or s3:// URL")
-    from provisioner.build.transport import download  # type: ignore[import-not-found]
+    from provisioner.build.transport import download, make_client
 
     target = work / "pack.tar"
-    download(source, target, timeout=timeout)
+    # s3:// is fetched in a child process (transport's rule); only http(s) needs a client here.
+    client = None if scheme.lower() == "s3" else make_client(config)
+    download(source, target, timeout=config.fetch_timeout, client=client,
+             s3_options=config.s3_options)
     return target
 
 

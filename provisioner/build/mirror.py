@@ -103,7 +103,7 @@ def make_mirror(config: Config, keys: Sequence[str], directory: Path, *,
         sources = resolve_channels(lock.channels, config)
         for plat in plats:
             artifacts = verify_artifacts(lock.for_platform(plat, "conda"), sources, cache,
-                                         fetch_timeout=config.fetch_timeout)
+                                         fetch_timeout=config.fetch_timeout, config=config)
             for art in artifacts:
                 name = channel_dir_name(_owner(art.package, sources))
                 touched.add(name)

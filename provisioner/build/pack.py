@@ -105,7 +105,7 @@ def make_pack(config: Config, key: str, *, platform: str | None = None,
     wheels = lock.for_platform(plat, "pip")
     cache = HomeLayout(config.home).package_cache
     artifacts = verify_artifacts(conda, resolve_channels(lock.channels, config), cache,
-                                 fetch_timeout=config.fetch_timeout)
+                                 fetch_timeout=config.fetch_timeout, config=config)
     wheel_files = [locate_wheel(config, w, cache) for w in wheels]
     out.parent.mkdir(parents=True, exist_ok=True)
     # Beside the output: hardlinks work when the cache is on that filesystem, and /tmp may be small.
@@ -162,7 +162,8 @@ def locate_wheel(config: Config, entry: LockedPackage, cache: Path) -> Path:
     if entry.url.startswith(("https://", "http://")):
         target = cache / "downloads" / entry.file_name
         if not (target.is_file() and sha256_file(target) == entry.sha256):
-            fetch_all([FetchJob(entry, entry.url, target)], timeout=config.fetch_timeout)
+            fetch_all([FetchJob(entry, entry.url, target)], timeout=config.fetch_timeout,
+                      config=config)
         return target
     raise UserError(f"no wheel with the locked sha256 for {entry.name} {entry.version} "
                     f"({entry.file_name})",

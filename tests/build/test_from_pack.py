@@ -7,6 +7,8 @@ in a network namespace with no network at all.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -14,7 +16,11 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -316,3 +322,45 @@ def test_a_dry_run_checks_the_pack_and_writes_nothing(project: SampleProject,
     assert other.returncode == 0, other.stderr
     assert json.loads(other.stdout)["generation"] == pack_generation  # the pack's lock
     assert not home.exists()
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def static_server(directory: Path) -> Iterator[tuple[str, list[str]]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(_Quiet, directory=str(directory)))
+    server.paths = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (f"http://127.0.0.1:{server.server_address[1]}",
+               server.paths)  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_ensure_from_a_pack_on_a_web_server(project: SampleProject, packs: dict[str, Path],
+                                            tmp_path: Path) -> None:
+    where = node(project, tmp_path)
+    home = tmp_path / "home"
+    with static_server(packs[CU].parent) as (base, paths):
+        url = f"{base}/{packs[CU].name}"
+        result = cli(["ensure", CU, "--from", url, "--home", str(home), "--json"], where)
+        fetched = list(paths)
+        missing = cli(["ensure", CU, "--from", f"{base}/no-such.tar", "--home",
+                       str(tmp_path / "h2")], where)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["action"] == "build" and data["pack"]["source"] == url
+    assert fetched == [f"/{packs[CU].name}"]  # the pack, and nothing else from the network
+    assert run_python(Path(data["python"]), "import torch; print('ok')") == "ok"
+    assert list((home / ".staging").iterdir()) == []  # the downloaded pack is gone too
+    line = refused(missing, "no-such.tar")
+    assert "404" in line
+    nothing_promoted(tmp_path / "h2", CU)
