@@ -364,3 +364,56 @@ def test_ensure_from_a_pack_on_a_web_server(project: SampleProject, packs: dict[
     line = refused(missing, "no-such.tar")
     assert "404" in line
     nothing_promoted(tmp_path / "h2", CU)
+
+
+@pytest.fixture
+def s3_bucket(packs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+              tmp_path: Path) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 whose bucket ``fleet`` holds the CUDA pack; no AWS
+    setting of this machine leaks in."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="k", aws_secret_access_key="s")
+        client.create_bucket(Bucket="fleet")
+        client.upload_file(str(packs[CU]), "fleet", f"packs/{packs[CU].name}")
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def test_ensure_from_a_pack_in_an_s3_bucket(project: SampleProject, packs: dict[str, Path],
+                                            tmp_path: Path, s3_bucket: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    where = node(project, tmp_path)
+    (where / "provisioner.toml").write_text(
+        f'[s3-options.fleet]\nendpoint-url = "{s3_bucket}"\nregion = "us-east-1"\n'
+        "force-path-style = true\n")
+    url = f"s3://fleet/packs/{packs[CU].name}"
+    no_credentials = cli(["ensure", CU, "--from", url, "--home", str(tmp_path / "h0")], where)
+    line = refused(no_credentials, url)
+    assert "credentials" in line
+    nothing_promoted(tmp_path / "h0", CU)
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    home = tmp_path / "home"
+    result = cli(["ensure", CU, "--from", url, "--home", str(home), "--json"], where)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["action"] == "build" and data["pack"]["source"] == url
+    assert run_python(Path(data["python"]), "import torch; print('ok')") == "ok"
