@@ -61,8 +61,10 @@ def tar_streams(path: Path, limit: int, pkg: str) -> Iterator[list[IO[bytes]]]:
             if name != "metadata.json" and not re.fullmatch(r"(info|pkg)-[^/\\]+\.tar\.zst", name):
                 raise _refuse(pkg, name, "unexpected member of a .conda archive")
         streams: list[IO[bytes]] = []
-        dctx = zstandard.ZstdDecompressor()
         for name in sorted(n for n in names if n.endswith(".tar.zst")):
-            reader = dctx.stream_reader(zf.open(name))  # type: ignore[arg-type]
+            # One decompressor per stream: tarfile may stop before the end of the info
+            # frame, and a shared one then starts the pkg stream mid-frame.
+            reader = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[arg-type]
+                zf.open(name))
             streams.append(io.BufferedReader(_Budget(reader, limit, pkg)))  # type: ignore[arg-type]
         yield streams
