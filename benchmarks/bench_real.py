@@ -47,7 +47,7 @@ from urllib.parse import unquote
 
 import yaml
 from wheel_conda import add_sample_python, convert_wheel, serve_channel
-from wholeproc import child_env, cli_argv, load, ratio, run_timed, spread
+from wholeproc import child_env, cli_argv, load, lock_records, ratio, run_timed, spread
 
 from provisioner import fsops
 from provisioner.build.layout import HomeLayout
@@ -62,33 +62,6 @@ STACKS = {
 KEY_A, KEY_B, CHANNEL = "real-a", "real-b", "bench"
 TARGETS = {"warm": 1.25, "cold": 1.1, "herd": 1.3, "lock": 2.0, "shared": 15.0}
 IMPORT_TEST = "import torch, transformers; print(torch.ones(2) @ torch.ones(2))"
-BARE_SOLVE = r"""
-import asyncio, sys, rattler
-specs = [rattler.MatchSpec(s) for s in sys.argv[3:]]
-recs = asyncio.run(rattler.solve(sources=[rattler.Channel(sys.argv[1])], specs=specs,
-                                 platforms=[sys.argv[2], "noarch"]))
-print(len(recs))
-"""
-BARE_INSTALL = r"""
-import asyncio, json, sys, rattler
-records = []
-for r in json.load(open(sys.argv[1])):
-    rec = rattler.PackageRecord(name=r["name"], version=r["version"],
-        build=rattler.BuildString(r["build"]), build_number=r["build_number"],
-        subdir=r["subdir"], depends=r["depends"], sha256=bytes.fromhex(r["sha256"]),
-        md5=bytes.fromhex(r["md5"]) if r["md5"] else None)
-    records.append(rattler.RepoDataRecord(rec, r["file_name"], r["url"], r["channel"]))
-asyncio.run(rattler.install(records, target_prefix=sys.argv[2], cache_dir=sys.argv[3],
-                            show_progress=False, execute_link_scripts=False))
-import os, pathlib
-linked = len(list(pathlib.Path(sys.argv[2], "conda-meta").glob("*.json")))
-print(linked, flush=True)
-# rattler's worker threads can outlive the install and abort the interpreter's
-# finalisation (PyGILState_Release) when linking from a warm cache: leave at once.
-os._exit(0 if linked == len(records) else 1)
-"""
-
-
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -175,23 +148,6 @@ def write_project(project: Path, url: str, specs_a: list[str], specs_b: list[str
                                           encoding="utf-8")
     (project / "provisioner.toml").write_text(
         f'home = "home"\n\n[channels]\n{CHANNEL} = "{url}"\n', encoding="utf-8")
-
-
-def lock_records(project: Path, key: str, url: str) -> list[dict[str, Any]]:
-    """The locked conda records of ``key``, with URLs on the benchmark's server."""
-    from provisioner.lock.reader import read_lockfile
-    from provisioner.lock.solve import _BUILD_NUMBER_RE
-
-    lock = read_lockfile(project / "lockfiles" / f"{key}.conda-lock.yml")
-    out = []
-    for p in lock.for_platform(host_platform(), "conda"):
-        match = _BUILD_NUMBER_RE.search(p.build)
-        out.append({"name": p.name, "version": p.version, "build": p.build,
-                    "build_number": int(match.group(1)) if match else 0, "subdir": p.subdir,
-                    "depends": [f"{n} {s}".strip() for n, s in p.dependencies],
-                    "sha256": p.sha256, "md5": p.md5, "file_name": p.file_name,
-                    "url": f"{url}/{p.subdir}/{p.file_name}", "channel": url + "/"})
-    return out
 
 
 def swapped_names(names: list[str]) -> list[str]:
@@ -312,7 +268,7 @@ def measure(root: Path, server: Any, url: str, args: argparse.Namespace,
     specs_b = names_a + [f"{n} * {b1}" for n, _b0, b1, _p in swaps]
     write_project(project, url, specs_a, specs_b)
     t_lock, _ = run_timed([*cli_argv(), "lock", KEY_A, KEY_B], env=child_env(), cwd=project)
-    records = lock_records(project, KEY_A, url)
+    records = lock_records(project / "lockfiles" / f"{KEY_A}.conda-lock.yml", url)
     say(f"  first lock of both keys {t_lock:.1f} s: {len(records)} packages; key B has its "
         f"own build of {len(swaps)}: {', '.join(n for n, *_r in swaps)}")
     results = run_all(root, project, url, args, records, specs_a, server)

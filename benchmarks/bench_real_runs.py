@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from bench_real import (
-    BARE_INSTALL,
-    BARE_SOLVE,
     IMPORT_TEST,
     KEY_A,
     KEY_B,
@@ -20,7 +18,7 @@ from bench_real import (
     say,
     size_and_files,
 )
-from wholeproc import child_env, cli_argv, load, run_herd, run_timed
+from wholeproc import BARE_INSTALL, BARE_SOLVE, child_env, cli_argv, load, run_herd, run_timed
 
 from provisioner.build.layout import HomeLayout
 from provisioner.lock.platforms import host_platform

@@ -14,8 +14,36 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from provisioner import processes
+from provisioner.lock.platforms import host_platform
+
+BARE_SOLVE = r"""
+import asyncio, sys, rattler
+specs = [rattler.MatchSpec(s) for s in sys.argv[3:]]
+recs = asyncio.run(rattler.solve(sources=[rattler.Channel(sys.argv[1])], specs=specs,
+                                 platforms=[sys.argv[2], "noarch"]))
+print(len(recs))
+"""
+BARE_INSTALL = r"""
+import asyncio, json, sys, rattler
+records = []
+for r in json.load(open(sys.argv[1])):
+    rec = rattler.PackageRecord(name=r["name"], version=r["version"],
+        build=rattler.BuildString(r["build"]), build_number=r["build_number"],
+        subdir=r["subdir"], depends=r["depends"], sha256=bytes.fromhex(r["sha256"]),
+        md5=bytes.fromhex(r["md5"]) if r["md5"] else None)
+    records.append(rattler.RepoDataRecord(rec, r["file_name"], r["url"], r["channel"]))
+asyncio.run(rattler.install(records, target_prefix=sys.argv[2], cache_dir=sys.argv[3],
+                            show_progress=False, execute_link_scripts=False))
+import os, pathlib
+linked = len(list(pathlib.Path(sys.argv[2], "conda-meta").glob("*.json")))
+print(linked, flush=True)
+# rattler's worker threads can outlive the install and abort the interpreter's
+# finalisation (PyGILState_Release) when linking from a warm cache: leave at once.
+os._exit(0 if linked == len(records) else 1)
+"""
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -96,3 +124,23 @@ def load() -> str:
         return "/".join(f"{x:.1f}" for x in os.getloadavg())
     except (AttributeError, OSError):
         return "n/a"
+
+
+def lock_records(lockfile: Path, url: str) -> list[dict[str, Any]]:
+    """The conda records of ``lockfile`` for this platform, fetched from the channel at ``url``.
+
+    What ``BARE_INSTALL`` reads: the same records ``ensure`` installs.
+    """
+    from provisioner.lock.reader import read_lockfile
+    from provisioner.lock.solve import _BUILD_NUMBER_RE
+
+    lock = read_lockfile(lockfile)
+    out = []
+    for p in lock.for_platform(host_platform(), "conda"):
+        match = _BUILD_NUMBER_RE.search(p.build)
+        out.append({"name": p.name, "version": p.version, "build": p.build,
+                    "build_number": int(match.group(1)) if match else 0, "subdir": p.subdir,
+                    "depends": [f"{n} {s}".strip() for n, s in p.dependencies],
+                    "sha256": p.sha256, "md5": p.md5, "file_name": p.file_name,
+                    "url": f"{url}/{p.subdir}/{p.file_name}", "channel": url + "/"})
+    return out
