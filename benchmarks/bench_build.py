@@ -14,7 +14,10 @@ check), two specs locked with ``lock_envs``:
   10% extra ones (so about 90% of its packages are shared with ``bench-a``).
 
 It prints medians of ``--repeat`` runs measured in one process, ratios against
-the targets, and where the time of one warm ``ensure`` goes (phase timers
+the targets, then the same comparisons as whole processes (the ``provisioner``
+console script against a bare rattler child given the same records, interleaved,
+median [min-max]: in-process numbers alone hide the start-up cost a user pays),
+and where the time of one warm ``ensure`` goes (phase timers
 wrapped around provisioner's functions; ``--profile`` adds a cProfile listing).
 Nothing is asserted: it always exits 0 and prints PASS or MISS per target.
 ``benchmarks/bench_phases.py`` splits a whole-process warm ensure into install /
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import cProfile
 import io
+import json
 import os
 import pstats
 import shutil
@@ -51,6 +55,18 @@ from provisioner.lock.platforms import host_platform
 from provisioner.sample.stack import (
     build_sample_channel,
     build_synthetic_channel,
+    channel_url,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wholeproc import (  # a sibling module of this script
+    BARE_INSTALL,
+    child_env,
+    cli_argv,
+    lock_records,
+    ratio,
+    run_timed,
+    spread,
 )
 
 CHANNEL = "bench"
@@ -290,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also print a cProfile listing of one warm ensure")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--no-whole-process", dest="whole_process", action="store_false",
+                        help="skip the whole-process comparisons")
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="provisioner-bench-"))
@@ -446,6 +464,68 @@ def run(root: Path, args: argparse.Namespace) -> None:
     if profile_text:
         say("")
         say(profile_text)
+    if args.whole_process:
+        whole_process(root, project, warm, prefix_a, args.repeat)
+
+
+def whole_process(root: Path, project: Path, warm: Config, prefix_a: Path, repeat: int) -> None:
+    """Warm and cold ``ensure`` against bare rattler children, reuse and ``cp -al``, as
+    separate processes, interleaved; ``repeat`` (at least 5) times each."""
+    n = max(5, repeat)
+    env = child_env()
+    cli = cli_argv()
+    records = root / "records.json"
+    channel = channel_url(project / "channel")
+    records.write_text(json.dumps(lock_records(
+        project / "lockfiles" / f"{KEY_A}.conda-lock.yml", channel)), encoding="utf-8")
+    cache = HomeLayout(warm.home).package_cache
+    ensure = [*cli, "--home", str(warm.home), "ensure", KEY_A]
+
+    def bare(target: Path, cache_dir: Path) -> float:
+        took = run_timed([sys.executable, "-c", BARE_INSTALL, str(records), str(target),
+                          str(cache_dir)], env=env)[0]
+        drop(target)
+        return took
+
+    t: dict[str, list[float]] = defaultdict(list)
+    say("")
+    say(f"whole process, n={n}, interleaved (load {_load()}) ...")
+    for i in range(n):
+        for which in (("ensure", "bare") if i % 2 == 0 else ("bare", "ensure")):
+            if which == "ensure":
+                reset_env(warm, KEY_A, prefix_a)
+                t["warm"].append(run_timed(ensure, env=env, cwd=project)[0])
+            else:
+                t["warm_bare"].append(bare(root / f"wp-bare-{i}", cache))
+        if os.name == "posix":
+            t["cp"].append(run_timed(["cp", "-al", str(prefix_a), str(root / f"wp-cp-{i}")],
+                                     env=env)[0])
+            drop(root / f"wp-cp-{i}")
+        t["reuse"].append(run_timed(ensure, env=env, cwd=project)[0])
+    for i in range(n):
+        for which in (("ensure", "bare") if i % 2 == 0 else ("bare", "ensure")):
+            if which == "ensure":
+                home = root / f"wp-cold-home-{i}"
+                t["cold"].append(run_timed([*cli, "--home", str(home), "ensure", KEY_A],
+                                           env=env, cwd=project)[0])
+                drop(home)
+            else:
+                t["cold_bare"].append(bare(root / f"wp-cold-bare-{i}", root / f"wp-cache-{i}"))
+                drop(root / f"wp-cache-{i}")
+    warm_r, warm_pairs = ratio(t["warm"], t["warm_bare"])
+    cold_r, cold_pairs = ratio(t["cold"], t["cold_bare"])
+    say(f"{'measurement (whole process)':44} median [min\u2013max]")
+    say("-" * 90)
+    say(f"{'warm ensure (build, warm package cache)':44} {spread(t['warm'])}")
+    say(f"{'bare rattler install child, same cache':44} {spread(t['warm_bare'])}")
+    say(f"{'cp -al of the finished prefix':44} {spread(t['cp'])}")
+    say(f"{'cold ensure (fresh home, file channel)':44} {spread(t['cold'])}")
+    say(f"{'bare rattler install child, empty cache':44} {spread(t['cold_bare'])}")
+    say(f"{'reuse ensure (ready env)':44} {spread(t['reuse'], digits=3)}")
+    say(f"  warm ensure / bare install  {warm_r:.2f}x {warm_pairs} (paired)  target <= "
+        f"{TARGET_WARM_RATIO}x  {verdict(warm_r <= TARGET_WARM_RATIO)}")
+    say(f"  cold ensure / bare install  {cold_r:.2f}x {cold_pairs} (paired)  context "
+        f"(load {_load()})")
 
 
 if __name__ == "__main__":
