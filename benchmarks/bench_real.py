@@ -25,6 +25,7 @@ Opt-in (never run by the test suite). From the repository root::
    ``--herd`` concurrent ``ensure`` vs one; a second key holding 90% of the first key's
    packages (bytes it adds to ``envs/``, hardlinks counted once).
 4. Runs ``import torch, transformers; print(torch.ones(2) @ torch.ones(2))`` in the env.
+5. With ``--profile``, splits warm and cold ``ensure`` into phases (``bench_real_profile``).
 
 The bare rattler children get the same records as ``ensure`` (from the lock, written to a
 JSON file by this script), so the comparison is provisioner's whole cost against rattler's
@@ -41,12 +42,13 @@ import stat
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import yaml
-from wheel_conda import add_sample_python, convert_wheel, serve_channel
+from wheel_conda import add_sample_python, convert_wheel, serve_channel, wheel_facts
 from wholeproc import child_env, cli_argv, load, lock_records, ratio, run_timed, spread
 
 from provisioner import fsops
@@ -111,7 +113,11 @@ def build_channel(files: list[Path], channel: Path) -> dict[str, Any]:
 
     subdir = host_platform()
     xy = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    known = {canonicalize_name(f.name.split("-")[0]) for f in files}
+    known = {}
+    for f in files:
+        with zipfile.ZipFile(f) as zf:
+            facts = wheel_facts(zf)[1]
+        known[canonicalize_name(facts["name"])] = facts["requires"]
     converted, links, dropped = [], 0, set()
     for f in sorted(files, key=lambda p: -p.stat().st_size):
         c = convert_wheel(f, channel, subdir, xy, known)
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--herd", type=int, default=8)
     parser.add_argument("--cache-dir", type=Path,
                         default=Path.home() / ".cache" / "provisioner-bench")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split warm and cold ensure into phases")
     parser.add_argument("--yes", action="store_true", help="do not wait 5 s after the plan")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
@@ -273,6 +281,13 @@ def measure(root: Path, server: Any, url: str, args: argparse.Namespace,
         f"own build of {len(swaps)}: {', '.join(n for n, *_r in swaps)}")
     results = run_all(root, project, url, args, records, specs_a, server)
     report(results, args, records, swaps, archives)
+    if args.profile:
+        from bench_real_profile import profile
+
+        say("")
+        say(f"where ensure's time goes (load {load()}):")
+        for line in profile(project, project / "home", root, KEY_A):
+            say(line)
 
 
 def report(res: dict[str, Any], args: argparse.Namespace, records: list[dict[str, Any]],

@@ -46,7 +46,7 @@ from typing import IO, Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-CONVERTER_VERSION = 1  # part of the cache key: bump when the output changes
+CONVERTER_VERSION = 2  # part of the cache key: bump when the output changes
 _MTIME = 1577836800
 _SO = re.compile(r"^lib.+\.so(\.[0-9A-Za-z_.-]+)?$")
 
@@ -100,24 +100,40 @@ def wheel_facts(zf: zipfile.ZipFile) -> tuple[str, dict[str, Any]]:
                       "tags": wheel.get_all("Tag") or []}
 
 
-def conda_depends(requires: list[str], known: set[str]) -> tuple[list[str], list[str]]:
-    """(conda depends, requirements left out) for ``Requires-Dist`` lines on this host."""
-    depends, dropped = [], []
-    for line in requires:
+def conda_depends(requires: list[str], known: dict[str, list[str]]
+                  ) -> tuple[list[str], list[str]]:
+    """(conda depends, requirements left out) for ``Requires-Dist`` lines on this host.
+
+    ``known`` maps each distribution of the download set to its own ``Requires-Dist``;
+    a requirement with extras (``cuda-toolkit[cublas]``) also depends on what those
+    extras of that distribution require (conda packages have no extras).
+    """
+    depends: dict[str, str] = {}
+    dropped = []
+    todo = [(line, "") for line in requires]
+    seen_extras: set[tuple[str, str]] = set()
+    while todo:
+        line, extra = todo.pop(0)
         try:
             req = Requirement(line)
         except InvalidRequirement:
             dropped.append(line)
             continue
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
             continue
         name = canonicalize_name(req.name)
         if name not in known:
             dropped.append(line)
             continue
         spec = ",".join(str(s).split("+")[0] for s in req.specifier)
-        depends.append(f"{name} {spec}".strip())
-    return depends, dropped
+        depends[name] = ",".join(x for x in (depends.get(name, ""), spec) if x)
+        for e in sorted(req.extras):
+            if (name, e) not in seen_extras:
+                seen_extras.add((name, e))
+                todo += [(sub, e) for sub in known[name]
+                         if Requirement(sub).marker is not None
+                         and not Requirement(sub).marker.evaluate({"extra": ""})]
+    return [f"{n} {s}".strip() for n, s in depends.items()], dropped
 
 
 def _target(name: str, info_dir: str, site: str) -> str | None:
@@ -164,7 +180,8 @@ def _json(data: object) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def convert_wheel(wheel: Path, channel: Path, subdir: str, py_xy: str, known: set[str],
+def convert_wheel(wheel: Path, channel: Path, subdir: str, py_xy: str,
+                  known: dict[str, list[str]],
                   level: int = 3, tag: int = 0) -> Converted:
     """Write ``wheel`` as a ``.conda`` into ``channel`` (skipped when already there).
 
