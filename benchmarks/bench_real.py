@@ -48,7 +48,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import yaml
-from wheel_conda import add_sample_python, convert_wheel, serve_channel, wheel_facts
+from wheel_conda import (
+    CONVERTER_VERSION,
+    add_sample_python,
+    convert_wheel,
+    serve_channel,
+    wheel_facts,
+)
 from wholeproc import child_env, cli_argv, load, lock_records, ratio, run_timed, spread
 
 from provisioner import fsops
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         files = download(wheels, wheel_dir)
         t_dl = time.perf_counter() - t0
-        channel = cache / f"channel-{stack}-v{__import__('wheel_conda').CONVERTER_VERSION}"
+        channel = cache / f"channel-{stack}-v{CONVERTER_VERSION}"
         built = build_channel(files, channel)
         t_conv = time.perf_counter() - t0 - t_dl
         archives = sum(c.path.stat().st_size for c in built["packages"])
