@@ -17,7 +17,7 @@ PACKAGE = Path(provisioner.__file__).parent
 REPO = PACKAGE.parent
 DOMAINS = ["lock", "build", "models", "sample"]
 SHARED = ["config", "contained", "errors", "fscopy", "fsdelete", "fsops", "keys", "paths",
-          "processes"]
+          "processes", "progress"]
 # who may import whom: a layer imports only layers at or below its own rank
 RANK = {"core": 0, "lock": 1, "build": 2, "models": 3, "sample": 4, "cli": 5}
 MAX_LINES = 400

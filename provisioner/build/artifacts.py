@@ -30,6 +30,7 @@ from provisioner.lock.channels import (
     source_for_url,
 )
 from provisioner.lock.lockfile import LockData, LockedPackage
+from provisioner.progress import Phase
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -100,7 +101,7 @@ def _channel_of(pkg: LockedPackage, sources: list[ChannelSource]) -> str:
 
 def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSource],
                    downloads: Path, timeout: float, config: Config | None,
-                   cached: frozenset[str]) -> None:
+                   cached: frozenset[str], download: Phase | None) -> None:
     from provisioner.build.fetch import FetchJob, fetch_all
 
     jobs = []
@@ -116,7 +117,10 @@ def _fetch_missing(packages: Sequence[LockedPackage], sources: list[ChannelSourc
                 and not (downloads / pkg.file_name).is_file():
             jobs.append(FetchJob(pkg, url, downloads / pkg.file_name,
                                  _channel_of(pkg, sources)))
-    fetch_all(jobs, timeout=timeout, config=config)
+    if download is not None:
+        download.set_note(f"{len(jobs)} of {len(packages)} archives fetched")
+    fetch_all(jobs, timeout=timeout, config=config,
+              on_bytes=download.add if download is not None else None)
 
 
 def forget_verified(cache_dir: Path, root: Path) -> None:
@@ -132,19 +136,20 @@ def forget_verified(cache_dir: Path, root: Path) -> None:
 def verify_artifacts(
     packages: Sequence[LockedPackage], sources: list[ChannelSource], cache_dir: Path,
     *, fetch_timeout: float = DOWNLOAD_TIMEOUT_S, config: Config | None = None,
-    cached: frozenset[str] = frozenset(),
+    cached: frozenset[str] = frozenset(), download: Phase | None = None,
 ) -> list[VerifiedArtifact]:
     """Locate (or download, see ``build.fetch``) and verify every package.
 
     ``config`` gives the ``[s3-options]`` for ``s3://`` mirrors. A remote package
     whose sha256 is in ``cached`` and whose archive is gone is neither downloaded
     nor hashed: its verified package-cache entry serves it (``build.downloads``).
+    ``download`` counts the bytes fetched (and expected) for a progress display.
 
     Raises on the first mismatch.
     """
     memo = _HashMemo(cache_dir / "verified-sha256.json")
     downloads = cache_dir / "downloads"
-    _fetch_missing(packages, sources, downloads, fetch_timeout, config, cached)
+    _fetch_missing(packages, sources, downloads, fetch_timeout, config, cached, download)
     result = []
     try:
         for pkg in packages:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from provisioner import fsops, processes
 from provisioner.errors import BuildError, ToolMissingError, UserError
+from provisioner.progress import Progress
 
 if TYPE_CHECKING:  # fetching (urllib, threads) loads only when a build runs
     from provisioner.build.artifacts import VerifiedArtifact
@@ -30,14 +31,6 @@ EXECUTABLE_TIMEOUT_S = 3600.0
 # ("Non-conda folder exists at prefix"), and a staging dir already holds provisioner's
 # marker files; so they create a fresh prefix inside it, whose entries are then moved up.
 FRESH_PREFIX_NAME = ".provisioner-prefix"
-
-
-class ProgressSink(Protocol):
-    """Where a backend reports install progress (the CLI draws it; tests may count it)."""
-
-    def start(self, total: int) -> None: ...
-    def advance(self) -> None: ...
-    def finish(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -58,7 +51,7 @@ class Backend(Protocol):
         target: Path,
         final: Path,
         cache_dir: Path,
-        progress: ProgressSink | None,
+        progress: Progress | None,
     ) -> None: ...
 
 
@@ -81,7 +74,7 @@ class RattlerBackend:
         target: Path,
         final: Path,
         cache_dir: Path,
-        progress: ProgressSink | None,
+        progress: Progress | None,
     ) -> None:
         from provisioner.build.installer import install_in_child
 
@@ -131,7 +124,7 @@ class ExecutableBackend:
         target: Path,
         final: Path,
         cache_dir: Path,
-        progress: ProgressSink | None,
+        progress: Progress | None,
     ) -> None:
         # Unique per call: threads of one process may build several keys at once.
         explicit = cache_dir / f"explicit-{os.getpid()}-{secrets.token_hex(4)}.txt"
@@ -140,11 +133,16 @@ class ExecutableBackend:
         env = dict(os.environ)
         env.setdefault("CONDA_PKGS_DIRS", str(cache_dir))
         prefix = target if target == final else target / FRESH_PREFIX_NAME
-        try:
-            result = processes.run(self.argv(explicit, prefix, final, cache_dir),
-                               timeout=EXECUTABLE_TIMEOUT_S, env=env)
-        finally:
-            fsops.remove_file(explicit)
+        # One phase: the tool extracts and links in one go, and reports neither here.
+        with (progress or Progress(None, "")).running(
+                "link", total=len(artifacts), unit="packages") as link:
+            try:
+                result = processes.run(self.argv(explicit, prefix, final, cache_dir),
+                                       timeout=EXECUTABLE_TIMEOUT_S, env=env)
+            finally:
+                fsops.remove_file(explicit)
+            link.set_note(f"by {self.name}")
+            link.advance(len(artifacts) if result.ok else 0)
         if not result.ok:
             detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
             raise BuildError(

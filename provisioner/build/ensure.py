@@ -22,7 +22,7 @@ from pathlib import Path
 
 from provisioner import fsops, processes
 from provisioner.build import orphans, trash
-from provisioner.build.backends import ProgressSink, choose_backend
+from provisioner.build.backends import choose_backend
 from provisioner.build.cuda import CudaCheck
 from provisioner.build.env_checks import (
     IMPORT_TIMEOUT_ENV,
@@ -57,6 +57,7 @@ from provisioner.errors import (
     ProvisionerError,
 )
 from provisioner.lock.lockfile import LockData, LockedPackage
+from provisioner.progress import BYTES, Phase, Progress, ProgressSink
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +253,15 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
 
     sources = resolve_channels(lock.channels or spec.channels, config)
     one_copy = backend.name == "rattler"  # other backends install from the archives
+    progress = Progress(opts.progress, plan.key)
     try:
-        artifacts = verify_artifacts(packages, sources, layout.package_cache, config=config,
-                                     fetch_timeout=config.fetch_timeout, cached=(
-            downloads.cached_without_archive(packages, sources, layout.package_cache,
-                                             config.package_limits) if one_copy else frozenset()))
+        with progress.running("download", unit=BYTES) as download:
+            artifacts = verify_artifacts(
+                packages, sources, layout.package_cache, config=config,
+                fetch_timeout=config.fetch_timeout, download=download, cached=(
+                    downloads.cached_without_archive(packages, sources, layout.package_cache,
+                                                     config.package_limits)
+                    if one_copy else frozenset()))
     except IntegrityError as exc:
         raise IntegrityError(f"{plan.key}: {exc.message}", hint=(
             f"if the channel rebuilt that archive, run 'provisioner lock {plan.key}' to relock "
@@ -277,17 +282,19 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
         Path(orphans.build_tag(target)), on_spawn=lambda pid: orphans.record_child(target, pid)))
     try:
         backend.install(artifacts, target=target, final=final,
-                        cache_dir=layout.package_cache, progress=opts.progress)
+                        cache_dir=layout.package_cache, progress=progress)
         fault_point("after-install")
         python_pkg = next((p for p in packages if p.name == "python"), None)
         py_version = python_pkg.version if python_pkg else "3"
         site = site_packages(target, py_version, plan.platform)
         if spec.pip_for(plan.platform):
             vps = platform_virtual_packages(spec, plan.platform)
-            _install_pip(config, plan, site, py_version, vps,
-                         lock.for_platform(plan.platform, "pip"))
+            wheels = lock.for_platform(plan.platform, "pip")
+            with progress.running("pip layer", total=len(wheels), unit="wheels") as layer:
+                layer.advance(_install_pip(config, plan, site, py_version, vps, wheels))
         fault_point("after-pip")
-        _verify_stage(target, final, packages, spec.imports, site, plan)
+        with progress.running("verify", total=3, unit="checks") as checks:
+            _verify_stage(target, final, packages, spec.imports, site, plan, checks)
         # Nothing a package's import started may still write into the env once it is sealed.
         orphans.stop_build_processes(target)
         fault_point("before-fingerprint")
@@ -320,7 +327,7 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
 
 
 def _install_pip(config: Config, plan: EnsurePlan, site: Path, py_version: str,
-                 vps: dict[str, tuple[str, str]], entries: Sequence[LockedPackage]) -> None:
+                 vps: dict[str, tuple[str, str]], entries: Sequence[LockedPackage]) -> int:
     from provisioner.lock.pip_layer import install_pip_layer
 
     if not entries:
@@ -330,19 +337,22 @@ def _install_pip(config: Config, plan: EnsurePlan, site: Path, py_version: str,
     count = install_pip_layer(entries=entries, site_packages=site, python_version=py_version,
                               platform=plan.platform, virtual_packages=vps, settings=config.pip)
     log.info("installed %d pip wheel(s) with uv", count)
+    return count
 
 
 def _verify_stage(target: Path, final: Path, packages: Sequence[LockedPackage],
-                  imports: tuple[str, ...], site: Path, plan: EnsurePlan) -> None:
+                  imports: tuple[str, ...], site: Path, plan: EnsurePlan, checks: Phase) -> None:
     records = check_records(target, packages)
     if not records.ok:
         raise BuildError(f"{plan.key}: installed env does not match the lock: "
                          + "; ".join(records.problems[:5]))
+    checks.advance()
     if target != final:
         leaked = find_staging_path(target, str(target))
         if leaked:
             raise BuildError(f"{plan.key}: {len(leaked)} file(s) still name the staging path, "
                              f"e.g. {leaked[0]}", hint="the package may not be relocatable")
+    checks.advance()
     report = check_imports(python_path(target, plan.platform), imports, extra_path=site)
     if report.details.get("timed_out"):
         raise ImportCheckError(
@@ -353,6 +363,7 @@ def _verify_stage(target: Path, final: Path, packages: Sequence[LockedPackage],
             f"{plan.key}: the built env fails its import check: " + "; ".join(report.problems),
             hint="nothing was promoted; fix the spec's packages or its x-provisioner imports, "
                  "then relock")
+    checks.advance()
 
 
 def _promote(config: Config, target: Path, final: Path) -> None:

@@ -37,7 +37,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +168,10 @@ def _fetch_error(job: FetchJob, why: str) -> FetchError:
 
 class _Download:
     def __init__(self, job: FetchJob, timeout: float, stop: threading.Event,
-                 opener: urllib.request.OpenerDirector, rattler: _RattlerClient) -> None:
+                 opener: urllib.request.OpenerDirector, rattler: _RattlerClient,
+                 on_bytes: Callable[[int, int], None] | None = None) -> None:
         self.job = job
+        self.on_bytes = on_bytes
         self.opener = opener
         self.rattler = rattler
         self.timeout = timeout
@@ -180,6 +182,15 @@ class _Download:
         self.size = 0
         self.started = threading.Event()
         self.finished = threading.Event()
+        self.expected = 0  # this archive's size as last announced to on_bytes
+
+    def _report(self, received: int, expected_total: int | None = None) -> None:
+        if self.on_bytes is None:
+            return
+        grown = 0
+        if expected_total is not None and expected_total != self.expected:
+            grown, self.expected = expected_total - self.expected, expected_total
+        self.on_bytes(received, grown)
 
     def run(self) -> None:
         self.started.set()
@@ -232,6 +243,8 @@ class _Download:
                 error = FetchError(f"channel '{self.job.channel or '?'}' refused access: {error}",
                                    hint=exc.hint)
             raise error from None
+        size = self.partial.stat().st_size
+        self._report(size - self.size, size)  # the transport counts no bytes as they arrive
         self.digest = hashlib.sha256()
         with self.partial.open("rb") as fh:
             while chunk := fh.read(_CHUNK):
@@ -273,9 +286,12 @@ class _Download:
 
     def _receive(self, resp: http.client.HTTPResponse) -> None:
         if self.size and not (resp.status == 206 and _range_start(resp) == self.size):
+            self._report(-self.size)  # those bytes will come again
             self.digest = hashlib.sha256()  # no resume from here: start over
             self.size = 0
         expected = resp.headers.get("Content-Length")
+        if expected is not None and expected.isdigit():
+            self._report(0, self.size + int(expected))
         got = 0
         with self.partial.open("ab" if self.size else "wb") as out:
             while chunk := resp.read(_CHUNK):
@@ -285,6 +301,7 @@ class _Download:
                 self.digest.update(chunk)
                 self.size += len(chunk)
                 got += len(chunk)
+                self._report(len(chunk))
         # http.client's read(n) returns b"" at a closed connection without raising.
         if expected is not None and expected.isdigit() and got < int(expected):
             raise _Transient(f"body cut short at {got} of {expected} bytes")
@@ -313,10 +330,15 @@ def _through_rattler(url: str) -> bool:
 
 
 def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKERS,
-              config: Config | None = None) -> None:
+              config: Config | None = None,
+              on_bytes: Callable[[int, int], None] | None = None) -> None:
     """Download and verify every job, ``workers`` at a time; raise the first failure.
 
-    ``config`` gives the ``[s3-options]`` for ``s3://`` URLs.
+    ``config`` gives the ``[s3-options]`` for ``s3://`` URLs. ``on_bytes(received,
+    expected)`` (called from the worker threads) gets changes of two sums over all
+    jobs: bytes received (negative when a download starts over) and bytes expected
+    (each archive's ``Content-Length``, announced as its response arrives), for a
+    progress bar with a rate and an ETA.
 
     The first failure (in job order) stops the others: they delete their partial
     files and end. So does an interrupt of the calling thread, which is re-raised
@@ -336,7 +358,7 @@ def fetch_all(jobs: Sequence[FetchJob], *, timeout: float, workers: int = WORKER
     try:
         for job in jobs:
             log.info("downloading %s", job.package.file_name)
-            downloads.append(_Download(job, timeout, stop, opener, rattler))
+            downloads.append(_Download(job, timeout, stop, opener, rattler, on_bytes))
             futures.append(pool.submit(downloads[-1].run))
         wait(futures, return_when=FIRST_EXCEPTION)
         stop.set()  # a no-op when all succeeded; otherwise the rest end early

@@ -31,6 +31,7 @@ from provisioner.build.artifacts import VerifiedArtifact
 from provisioner.build.installer_child import PROGRESS
 from provisioner.build.package_cache import cache_lock
 from provisioner.errors import BuildError
+from provisioner.progress import Progress
 
 _SHOWN_LINES = 5
 
@@ -64,28 +65,54 @@ def _describe(returncode: int | None) -> str:
     return f"exited {returncode}"
 
 
-def install_in_child(artifacts: Sequence[VerifiedArtifact], *, target: Path, final: Path,
-                     cache_dir: Path, progress: Any | None) -> None:
-    """Install ``artifacts`` into ``target`` (patched for ``final``) in a child process."""
-    request = request_for(artifacts, target, final, cache_dir)
+class _InstallPhases:
+    """The child's progress lines as the ``extract`` and ``link`` phases."""
 
-    def on_line(line: str) -> None:
+    def __init__(self, progress: Progress | None, cached: int) -> None:
+        self.progress = progress or Progress(None, "")
+        self.extract = self.progress.phase("extract", unit="packages")
+        self.link = self.progress.phase("link", unit="packages")
+        self.cached = cached
+
+    def on_line(self, line: str) -> None:
         word, _sep, rest = line.partition(" ")
-        if word != PROGRESS or progress is None:
+        if word != PROGRESS:
             return
         if rest.startswith("start "):
-            progress.start(int(rest.split()[1]))
-        elif rest == "advance":
-            progress.advance()
+            total = int(rest.split()[1])
+            self.extract.set_total(total)
+            self.link.set_total(total)
+            self.extract.set_note(f"{total - self.cached} unpacked, {self.cached} already cached")
+            self.extract.start()
+        elif rest == "cached":
+            self.extract.advance()
+            if self.extract.total is not None and self.extract.done >= self.extract.total:
+                self.extract.end()
+        elif rest == "linked":
+            self.link.advance()
 
+    def finish(self, ok: bool) -> None:
+        self.extract.end(ok)
+        self.link.end(ok)
+
+
+def install_in_child(artifacts: Sequence[VerifiedArtifact], *, target: Path, final: Path,
+                     cache_dir: Path, progress: Progress | None) -> None:
+    """Install ``artifacts`` into ``target`` (patched for ``final``) in a child process."""
+    request = request_for(artifacts, target, final, cache_dir)
+    # rattler reports no difference between unpacking and finding a package in its cache.
+    cached = sum((cache_dir / a.package.file_name.removesuffix(".conda")
+                  .removesuffix(".tar.bz2")).is_dir() for a in artifacts)
+    phases = _InstallPhases(progress, cached)
     argv = [sys.executable, "-m", "provisioner.build.installer_child"]
+    ok = False
     try:
         with cache_lock(cache_dir, exclusive=False):
-            result = processes.run_streaming(argv, on_line=on_line,
+            result = processes.run_streaming(argv, on_line=phases.on_line,
                                              input_text=json.dumps(request), env=_child_env())
+        ok = result.returncode == 0
     finally:
-        if progress is not None:
-            progress.finish()
+        phases.finish(ok)
     if result.returncode == 0:
         return
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]

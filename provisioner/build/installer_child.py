@@ -21,7 +21,6 @@ from provisioner.lock.lockfile import LockedPackage
 PROGRESS = "provisioner-progress"
 
 
-
 def _die_with_parent(parent: int) -> None:
     if sys.platform.startswith("linux"):
         import ctypes
@@ -41,19 +40,25 @@ def _say(line: str, stream: Any = None) -> None:
 def _reporter() -> Any:
     import rattler
 
+    # One line per callback that the parent turns into the extract and link phases
+    # (provisioner.build.installer); rattler fills the cache and links concurrently.
     class _Reporter(rattler.InstallerReporter):  # type: ignore[misc]
         def on_transaction_start(self, total_operations: int) -> None:
             _say(f"{PROGRESS} start {total_operations}")
 
-        def on_transaction_operation_complete(self, operation: int) -> None:
-            _say(f"{PROGRESS} advance")
-
-        def on_populate_cache_complete(self, *args: Any) -> None:
+        def on_populate_cache_complete(self, cache_entry: int) -> None:
+            _say(f"{PROGRESS} cached")
             # Test hook: stall mid-install (a package is cached, others may be extracting).
             pause = os.environ.get("PROVISIONER_TEST_INSTALL_PAUSE")
             if pause:
                 _say(f"{PROGRESS} paused")
                 time.sleep(float(pause))
+
+        def on_link_complete(self, index: int) -> None:
+            _say(f"{PROGRESS} linked")
+
+        def on_transaction_operation_complete(self, operation: int) -> None:
+            _say(f"{PROGRESS} advance")
 
     return _Reporter()  # type: ignore[abstract]
 

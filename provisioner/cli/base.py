@@ -136,7 +136,7 @@ def global_params(*, top: bool) -> list[click.Parameter]:
         opt(["--color"], "color", type=click.Choice(["auto", "always", "never"]), default=None,
             help="Colour output (default auto: on a terminal, unless NO_COLOR is set)."),
         opt(["--no-progress"], "no_progress", is_flag=True,
-            help="No progress bars (there are none when stderr is not a terminal)."),
+            help="No progress (bars on a terminal, one line per phase otherwise)."),
     ]
 
 
@@ -173,12 +173,6 @@ def make_config(ctx: click.Context, project: Path | None, **overrides: Any) -> C
                                                config.project, config.home,
                                                config.backend or "default")
     return config
-
-
-def progress_wanted(ctx: click.Context, as_json: bool = False) -> bool:
-    """Progress bars only on a terminal, and not with --no-progress, -q or --json."""
-    opts = options(ctx)
-    return opts.progress and not opts.quiet and not as_json and sys.stderr.isatty()
 
 
 def status(word: str, ok: bool) -> str:

@@ -2,69 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any
 
 import click
 
 from provisioner.cli.base import (
-    TOOLS_LOGGER,
     cli,
     emit_json,
     json_option,
     make_config,
-    options,
-    progress_wanted,
     project_options,
     status,
 )
+from provisioner.cli.progress_view import progress_sink
 from provisioner.errors import EXIT_CHECK_FAILED
-
-
-class _RichProgress:
-    """A rich progress bar for installs, on stderr; only used on a terminal."""
-
-    def __init__(self, label: str, color: bool | None) -> None:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        console = Console(stderr=True, no_color=True if color is False else None,
-                          force_terminal=True if color else None)
-        self._progress = Progress(console=console, transient=True)
-        self._label = label
-        self._task: Any = None
-
-    def start(self, total: int) -> None:
-        self._progress.start()
-        self._task = self._progress.add_task(self._label, total=total)
-
-    def advance(self) -> None:
-        if self._task is not None:
-            self._progress.advance(self._task)
-
-    def finish(self) -> None:
-        self._progress.stop()
-
-
-class _LoggedProgress:
-    """rattler's install callbacks as debug lines (-vv), where no bar is drawn."""
-
-    def __init__(self, label: str) -> None:
-        self._log = logging.getLogger(TOOLS_LOGGER)
-        self._label = label
-        self._total = self._done = 0
-
-    def start(self, total: int) -> None:
-        self._total = total
-        self._log.debug("rattler: %s: transaction of %d operation(s)", self._label, total)
-
-    def advance(self) -> None:
-        self._done += 1
-        self._log.debug("rattler: %s: operation %d/%d done", self._label, self._done, self._total)
-
-    def finish(self) -> None:
-        self._log.debug("rattler: %s: install finished", self._label)
 
 
 @cli.command("ensure")
@@ -93,21 +44,17 @@ def ensure_cmd(
     if use_pack_lock and pack is None:
         raise click.UsageError("--use-pack-lock needs --from PACK")
     config = make_config(ctx, project)
-    progress: Any = None
-    if options(ctx).verbose >= 2:  # debug lines and a live bar would garble each other
-        progress = _LoggedProgress(key)
-    elif progress_wanted(ctx, as_json) and not dry_run:
-        progress = _RichProgress(key, options(ctx).color_flag)
-    opts = EnsureOptions(dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
-                         allow_cuda_mismatch=allow_cuda_mismatch, progress=progress)
-    if pack is not None:
-        from provisioner.build.from_pack import ensure_from_pack
+    with progress_sink(ctx) as progress:
+        opts = EnsureOptions(dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
+                             allow_cuda_mismatch=allow_cuda_mismatch, progress=progress)
+        if pack is not None:
+            from provisioner.build.from_pack import ensure_from_pack
 
-        packed = ensure_from_pack(config, key, pack, opts, use_pack_lock=use_pack_lock)
-        result, data = packed.result, packed.to_dict()
-    else:
-        result = ensure(config, key, opts)
-        data = result.to_dict()
+            packed = ensure_from_pack(config, key, pack, opts, use_pack_lock=use_pack_lock)
+            result, data = packed.result, packed.to_dict()
+        else:
+            result = ensure(config, key, opts)
+            data = result.to_dict()
     if as_json:
         emit_json(data)
     elif dry_run:

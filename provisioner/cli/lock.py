@@ -14,6 +14,7 @@ from provisioner.cli.base import (
     project_options,
     status,
 )
+from provisioner.cli.progress_view import progress_sink
 from provisioner.errors import EXIT_CHECK_FAILED
 
 
@@ -56,9 +57,9 @@ def lock_cmd(
         return
     from provisioner.lock.write import lock_envs
 
-    outcomes = lock_envs(
-        config, list(keys) or None, update=update, update_all=update_all, skip_pip=skip_pip
-    )
+    with progress_sink(ctx) as progress:
+        outcomes = lock_envs(config, list(keys) or None, update=update, update_all=update_all,
+                             skip_pip=skip_pip, progress=progress)
     diffs = {}
     if update_all:
         from provisioner.lock.diff import diff_locks, render_text

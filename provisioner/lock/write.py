@@ -31,6 +31,7 @@ from provisioner.lock.lockfile import LockData, LockedPackage
 from provisioner.lock.pip_layer import lock_pip_layer
 from provisioner.lock.refresh import ChangedArchive, changed_archives
 from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec, spec_path
+from provisioner.progress import Phase, Progress, ProgressSink
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def _solve_key(
     update_all: bool,
     skip_pip: bool,
     refreshed: list[ChangedArchive] | None = None,
+    solving: Phase | None = None,
 ) -> LockData:
     from provisioner.lock.conda_lock_io import conda_lock_content_hashes
     from provisioner.lock.solve import exact_constraint, solve_platform
@@ -127,6 +129,8 @@ def _solve_key(
         packages.extend(solved)
         if spec.pip_for(platform):
             packages.extend(_pip_entries(spec, config, old, platform, solved, skip_pip))
+        if solving is not None:
+            solving.advance()
     source = spec_path(config.specs_dir, spec.key)
     hashes = conda_lock_content_hashes(source, spec.cuda)
     return LockData(
@@ -200,12 +204,14 @@ def lock_envs(
     update: Sequence[str] = (),
     update_all: bool = False,
     skip_pip: bool = False,
+    progress: ProgressSink | None = None,
 ) -> list[LockOutcome]:
     """Lock ``keys`` (default: every spec); return what changed per key.
 
     ``update`` relocks only the named packages, holding every other package at
     its locked version; ``update_all`` lets every package move. Without either,
     versions already in the lock are preferred where the spec still allows them.
+    ``progress`` receives a ``solve`` phase per key (platforms solved).
     """
     if update and update_all:
         raise UserError("--update and --update-all cannot be combined")
@@ -224,7 +230,10 @@ def lock_envs(
         if update:
             _check_update(spec.key, old, update)
         refreshed: list[ChangedArchive] = []
-        data = _solve_key(spec, config, old, update, update_all, skip_pip, refreshed)
+        with Progress(progress, spec.key).running(
+                "solve", total=len(spec.platforms), unit="platforms") as solving:
+            data = _solve_key(spec, config, old, update, update_all, skip_pip, refreshed,
+                              solving)
         solved.append((spec, lock_path, old, data, _render(data, lock_path.name), refreshed))
     outcomes = []
     for spec, lock_path, old, data, rendered, refreshed in solved:

@@ -40,6 +40,7 @@ from provisioner.errors import BuildError, ToolMissingError, UserError
 from provisioner.lock.channels import resolve_channels
 from provisioner.lock.platforms import host_platform
 from provisioner.lock.reader import read_lockfile
+from provisioner.progress import PhaseEvent
 from provisioner.sample.project import SampleProject, create_sample_project
 
 CPU = "sample-cpu-transformers"
@@ -325,31 +326,18 @@ def test_render_explicit(project: SampleProject, tmp_path: Path) -> None:
 # --- the rattler backend -------------------------------------------------------------------------
 
 
-class CountingProgress:
-    def __init__(self) -> None:
-        self.total: int | None = None
-        self.advanced = 0
-        self.finished = 0
-
-    def start(self, total: int) -> None:
-        self.total = total
-
-    def advance(self) -> None:
-        self.advanced += 1
-
-    def finish(self) -> None:
-        self.finished += 1
-
-
-def test_rattler_reports_progress(project: SampleProject, tmp_path: Path) -> None:
-    progress = CountingProgress()
-    result = ensure(config_for(project, tmp_path), CPU, EnsureOptions(progress=progress))
+def test_rattler_reports_extract_and_link(project: SampleProject, tmp_path: Path) -> None:
+    events: list[PhaseEvent] = []
+    result = ensure(config_for(project, tmp_path), CPU, EnsureOptions(progress=events.append))
     packages = read_lockfile(project.path / "lockfiles" / f"{CPU}.conda-lock.yml") \
         .for_platform(host_platform(), "conda")
     assert result.backend == "rattler"
-    assert progress.total == len(packages)
-    assert progress.advanced == len(packages)
-    assert progress.finished == 1
+    ends = {e.phase: e for e in events if e.kind == "end"}
+    n = len(packages)
+    assert (ends["extract"].done, ends["extract"].total) == (n, n)
+    assert (ends["link"].done, ends["link"].total) == (n, n)
+    assert ends["extract"].note == f"{n} unpacked, 0 already cached"  # a fresh home
+    assert all(e.ok and e.subject == CPU for e in ends.values())
 
 
 # --- executable backends against the fake tool ---------------------------------------------------

@@ -390,3 +390,24 @@ def test_fetch_timeout_setting(project: SampleProject, tmp_path: Path) -> None:
     assert load_config(project.path, environ={}).fetch_timeout == 120.0
     with pytest.raises(SpecError, match="fetch timeout"):
         load_config(tmp_path / "p", environ={"PROVISIONER_FETCH_TIMEOUT": "soon"})
+
+
+def test_download_progress_counts_each_byte_once(project: SampleProject, tmp_path: Path,
+                                                 lock: LockData, packages: list[LockedPackage],
+                                                 server: FaultServer) -> None:
+    # A reset (retried from where it broke, or from scratch) and a short body (resumed with a
+    # Range request) still add up to each archive's size, received and expected.
+    from provisioner.progress import BYTES, PhaseEvent, Progress
+
+    server.faults[f"/{packages[0].subdir}/{packages[0].file_name}"] = ["short"]
+    server.faults[f"/{packages[1].subdir}/{packages[1].file_name}"] = ["reset"]
+    events: list[PhaseEvent] = []
+    cache = tmp_path / "cache"
+    with Progress(events.append, CPU).running("download", unit=BYTES) as download:
+        verify_artifacts(packages, sources(http_config(project, tmp_path, server.url), lock),
+                         cache, download=download)
+    size = sum((cache / "downloads" / p.file_name).stat().st_size for p in packages)
+    end = events[-1]
+    assert (end.kind, end.ok, end.done, end.total) == ("end", True, size, size)
+    assert end.note == f"{len(packages)} of {len(packages)} archives fetched"
+    assert all(e.done >= 0 for e in events)
