@@ -116,7 +116,10 @@ class RichBars:
             if task is None:
                 task = self._tasks[key] = self._progress.add_task(
                     f"{event.phase} {event.subject}", total=event.total, unit=event.unit)
-        self._progress.update(task, completed=event.done, total=event.total)
+        total = event.total
+        if event.kind == "end" and event.ok and total is None:
+            total = event.done  # a size never announced: the bar still ends full
+        self._progress.update(task, completed=event.done, total=total)
         if event.kind == "end":
             self._progress.stop_task(task)
 
