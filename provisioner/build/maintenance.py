@@ -274,22 +274,8 @@ def _collect_key(layout: HomeLayout, key: str, work: _KeyWork, out: Collector,
                     remove_lease_file(layout, key, gen.name)
 
 
-def _collect_partial_cache_entries(layout: HomeLayout, out: Collector) -> None:
-    from provisioner.build.package_cache import cache_lock, partial_entries
-
-    found = partial_entries(layout.package_cache)
-    if not found:
-        return
-    with cache_lock(layout.package_cache, exclusive=True, wait=False) as free:
-        for path in found:
-            if free:
-                out.remove("cache-partial", path, None)
-            else:
-                out.skipped.append(GcSkip(path, "the package cache is in use by a build"))
-
-
-def collect_garbage(config: Config, *, dry_run: bool = False,
-                    keep: int | None = None) -> GcReport:
+def collect_garbage(config: Config, *, dry_run: bool = False, keep: int | None = None,
+                    cache: bool = False) -> GcReport:
     """Free disk space under the home; with ``dry_run``, only report what would go.
 
     Removes stale staging dirs (their key's lock is free, so no build owns
@@ -308,7 +294,9 @@ def collect_garbage(config: Config, *, dry_run: bool = False,
     (:mod:`provisioner.build.retention`, :mod:`provisioner.build.leases`); the
     report says why each generation was kept. A link or file where the home's
     own directories should be is moved aside or refused first
-    (:mod:`provisioner.build.home_checks`), never walked.
+    (:mod:`provisioner.build.home_checks`), never walked. Partial extractions in the
+    package cache go too; with ``cache``, whatever no generation left uses
+    (:mod:`provisioner.build.cache_gc`).
     """
     layout = HomeLayout(config.home)
     keep = config.gc_keep if keep is None else keep
@@ -343,7 +331,9 @@ def collect_garbage(config: Config, *, dry_run: bool = False,
 
     for key in sorted(work):
         _collect_key(layout, key, work[key], out, keep)
-    _collect_partial_cache_entries(layout, out)
+    from provisioner.build.cache_gc import collect_cache
+
+    collect_cache(layout, out, unused=cache)
     out.log_in_use()
     return GcReport(
         home=config.home, dry_run=dry_run, removed=tuple(out.removed),

@@ -35,7 +35,7 @@ LAST_PATHS = (IN_PROGRESS_NAME, FINGERPRINT_NAME, "pyvenv.cfg", ".venv/pyvenv.cf
 #: seconds a rename into the trash rides out sharing violations: deletion can wait for gc
 TRASH_RENAME_BUDGET_S = 2.0
 
-GcKind = Literal["staging", "trash", "generation", "cache-partial"]
+GcKind = Literal["staging", "trash", "generation", "cache-partial", "cache-entry", "cache-archive"]
 
 
 @dataclass(frozen=True)

@@ -107,14 +107,17 @@ def verify_cmd(
               help="Only report what would be removed, and why the rest is kept.")
 @click.option("--keep", type=click.IntRange(0, 1000), default=None, metavar="N",
               help="Previous generations kept per key for rollback (default: [gc] keep, 1).")
+@click.option("--cache", is_flag=True,
+              help="Also remove package-cache entries and archives no generation uses, and "
+                   "partial downloads (only while no build runs).")
 @json_option
 @click.pass_context
 def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, keep: int | None,
-           as_json: bool) -> None:
+           cache: bool, as_json: bool) -> None:
     """Remove interrupted builds, the trash and old generations (never active or leased ones)."""
     from provisioner.build.maintenance import collect_garbage
 
-    report = collect_garbage(make_config(ctx, project), dry_run=dry_run, keep=keep)
+    report = collect_garbage(make_config(ctx, project), dry_run=dry_run, keep=keep, cache=cache)
     if as_json:
         emit_json(report.to_dict())
         return
@@ -129,7 +132,8 @@ def gc_cmd(ctx: click.Context, project: Path | None, dry_run: bool, keep: int | 
         click.echo(f"in use  {held.path}: {len(held.files)} file(s) held open by another "
                    "process (e.g. " + held.files[0] + "); the next gc retries it")
     freed = "would free" if dry_run else "freed"
-    click.echo(f"{freed} {report.bytes_freed} bytes in {len(report.removed)} path(s)")
+    click.echo(f"{freed} {report.bytes_freed} bytes in {len(report.removed)} path(s)"
+               " (hard links counted once)")
 
 
 @cli.command("pack")
