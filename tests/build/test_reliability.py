@@ -485,6 +485,50 @@ def test_two_herds_on_two_keys_build_each_key_once(project: Path, tmp_path: Path
         _assert_recovered(home, mine[0], _generation_of(project, key), key)
 
 
+# The build machinery a waiter that finds its env ready must never load.
+BUILD_MODULES = ("provisioner.build.package_checks", "provisioner.build.installer",
+                 "provisioner.build.fetch", "provisioner.build.artifacts",
+                 "provisioner.build.package_cache")
+# ``ensure`` through the real CLI, reporting at exit which provisioner modules it loaded.
+MODULE_PROBE = """
+import atexit, json, sys
+atexit.register(lambda: sys.__stderr__.write("MODULES=" + json.dumps(sorted(
+    m for m in sys.modules if m.startswith("provisioner"))) + "\\n"))
+from provisioner.cli import main
+sys.argv = ["provisioner", *sys.argv[1:]]
+main()
+"""
+
+
+def test_herd_waiters_never_load_the_build_machinery(project: Path, tmp_path: Path) -> None:
+    # The builder slows down at each step once it holds the lock; the waiters start while
+    # its staging dir exists, so they block on the key's lock and re-plan after it.
+    home = tmp_path / "home"
+
+    def start(**extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", MODULE_PROBE, "ensure", CPU_KEY, "--project", str(project),
+             "--json"], env=_env(home, **extra), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+    builder = start(PROVISIONER_TEST_STEP_DELAY="0.5")
+    _wait_until(builder, lambda: bool(_staging_dirs(home)))
+    waiters = [start() for _ in range(3)]
+    runs = []
+    for proc in [builder, *waiters]:
+        rc, out, err = _finish(proc)
+        assert rc == 0, err
+        [line] = [ln for ln in err.splitlines() if ln.startswith("MODULES=")]
+        runs.append((json.loads(out), set(json.loads(line[len("MODULES="):]))))
+    (built, builder_modules), waited = runs[0], runs[1:]
+    assert built["action"] == "build"
+    assert set(BUILD_MODULES) <= builder_modules  # the probe sees what a build loads
+    for result, modules in waited:
+        assert result["action"] == "reuse" and float(result["waited_seconds"]) > 0, result
+        assert modules.isdisjoint(BUILD_MODULES), sorted(modules & set(BUILD_MODULES))
+        assert "provisioner.build.ensure" in modules
+
+
 # --------------------------------------------------------------------------- lock timeout
 
 
