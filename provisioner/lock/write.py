@@ -96,7 +96,6 @@ def _solve_key(
     refreshed: list[ChangedArchive] | None = None,
     solving: Phase | None = None,
 ) -> LockData:
-    from provisioner.lock.conda_lock_io import conda_lock_content_hashes
     from provisioner.lock.solve import exact_constraint, solve_platform
 
     sources = resolve_channels(spec.channels, config)
@@ -132,7 +131,7 @@ def _solve_key(
         if solving is not None:
             solving.advance()
     source = spec_path(config.specs_dir, spec.key)
-    hashes = conda_lock_content_hashes(source, spec.cuda)
+    hashes = _content_hashes(spec, source, old)
     return LockData(
         platforms=spec.platforms,
         channels=spec.channels,
@@ -141,6 +140,26 @@ def _solve_key(
         sources=(f"{config.specs_dir.name}/{spec.key}.yml",),
         extra={**lock_metadata(spec), SEAL_FIELD: conda_lock_seal(source.read_bytes(), hashes)},
     )
+
+
+def _content_hashes(spec: EnvSpec, source: Path, old: LockData | None) -> dict[str, str]:
+    """conda-lock's ``content_hash`` per platform, by conda-lock (an import of about half a
+    second), unless the old lock's seal says conda-lock computed them from this very spec."""
+    if old is not None and old.extra.get(SEAL_FIELD) == conda_lock_seal(source.read_bytes(),
+                                                                        old.content_hash):
+        return dict(old.content_hash)
+    from provisioner.lock.conda_lock_io import conda_lock_content_hashes
+
+    return conda_lock_content_hashes(source, spec.cuda)
+
+
+def _canonical(data: LockData) -> tuple[object, ...]:
+    """What a lockfile says, independent of the order conda-lock writes packages in."""
+    packages = sorted((p.platform, p.manager, p.name, p.version, p.url, p.sha256 or "",
+                       p.md5 or "", tuple(sorted(p.dependencies)), tuple(sorted(p.categories)))
+                      for p in data.packages)
+    return (data.platforms, data.channels, sorted(data.content_hash.items()), packages,
+            data.sources, sorted(data.extra.items()))
 
 
 def channel_specs(specs: Sequence[str], sources: Sequence[ChannelSource]) -> list[str]:
@@ -234,14 +253,19 @@ def lock_envs(
                 "solve", total=len(spec.platforms), unit="platforms") as solving:
             data = _solve_key(spec, config, old, update, update_all, skip_pip, refreshed,
                               solving)
-        solved.append((spec, lock_path, old, data, _render(data, lock_path.name), refreshed))
+        # conda-lock's writer (and its import) only for a lock whose content changes.
+        same = old is not None and _canonical(old) == _canonical(data)
+        solved.append((spec, lock_path, old, data,
+                       None if same else _render(data, lock_path.name), refreshed))
     outcomes = []
     for spec, lock_path, old, data, rendered, refreshed in solved:
         config.locks_dir.mkdir(parents=True, exist_ok=True)
         # Compared as LF text: a CRLF checkout of the same lock is not rewritten.
-        changed = not lock_path.is_file() or read_lf_bytes(lock_path) != lf_bytes(rendered)
-        if changed:
+        changed = False
+        if rendered is not None and (not lock_path.is_file()
+                                     or read_lf_bytes(lock_path) != lf_bytes(rendered)):
             fsops.atomic_write_bytes(lock_path, rendered)
+            changed = True
         outcomes.append(
             LockOutcome(
                 key=spec.key,

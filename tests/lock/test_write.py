@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -374,3 +377,63 @@ def test_channel_qualified_dependency_solves_from_the_mirror(locked: Locked,
     with pytest.raises(UserError) as info:
         lock_envs(load_config(project, environ={}), [CPU])
     assert "names channel 'elsewhere', which is not in the spec's channels" in info.value.message
+
+
+# --- conda-lock is imported only to write ---------------------------------------------------
+
+_PROBE = """
+import atexit, sys
+atexit.register(lambda: sys.__stderr__.write("CONDA_LOCK_MODULES=%d\\n" % len(
+    [m for m in sys.modules if m.split(".")[0] == "conda_lock"])))
+from provisioner.cli import main
+sys.argv = ["provisioner", *sys.argv[1:]]
+main()
+"""
+
+
+def _lock_cli(project: Path, *args: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIONER_")}
+    result = subprocess.run([sys.executable, "-c", _PROBE, "lock", "--project", str(project),
+                             *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    [count] = re.findall(r"CONDA_LOCK_MODULES=(\d+)", result.stderr)
+    return int(count), result.stdout
+
+
+def test_unchanged_locks_need_no_conda_lock(locked: Locked, tmp_path: Path) -> None:
+    project = copy_project(locked.root, tmp_path / "p")
+    before = lock_bytes(project)
+    imported, out = _lock_cli(project)
+    assert imported == 0 and out.count("unchanged") == len(ALL_KEYS)
+    assert lock_bytes(project) == before
+    assert _lock_cli(project, "--check")[0] == 0
+    # A changed spec is hashed and written by conda-lock itself.
+    deps = spec_data(project, CPU)["dependencies"]
+    assert isinstance(deps, list)
+    edit_spec(project, CPU, dependencies=[*deps, "numpy"])
+    imported, out = _lock_cli(project, CPU)
+    assert imported > 0 and "unchanged" not in out
+    assert lock_bytes(project)[f"{CPU}.conda-lock.yml"] != before[f"{CPU}.conda-lock.yml"]
+
+
+def test_skipping_the_writer_is_sound(locked: Locked, tmp_path: Path) -> None:
+    # What is skipped for an unchanged lock: conda-lock would write the same bytes again.
+    from provisioner.lock.conda_lock_io import write_lockfile
+    from provisioner.lock.reader import read_lockfile
+
+    committed = Path(__file__).resolve().parents[2] / "lockfiles"  # real size, with pip entries
+    for path in [*sorted((locked.root / "lockfiles").iterdir()), *sorted(committed.iterdir())]:
+        again = tmp_path / path.name
+        write_lockfile(again, read_lockfile(path))
+        assert again.read_bytes() == path.read_bytes(), path.name
+
+
+def test_a_tampered_lock_is_rewritten(locked: Locked, tmp_path: Path) -> None:
+    project = copy_project(locked.root, tmp_path / "p")
+    path = lockfile_path(project / "lockfiles", CPU)
+    original = path.read_bytes()
+    first = SHA256_RE.search(original.decode())
+    assert first is not None
+    path.write_bytes(original.replace(first.group().encode(), b"0" * 64, 1))
+    [outcome] = lock_envs(load_config(project, environ={}), [CPU])
+    assert outcome.changed and path.read_bytes() == original
