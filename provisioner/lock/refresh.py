@@ -55,7 +55,8 @@ def _source_url(pkg: LockedPackage, sources: Sequence[ChannelSource]) -> str | N
 
 
 def changed_archives(
-    packages: Sequence[LockedPackage], sources: Sequence[ChannelSource], platform: str
+    packages: Sequence[LockedPackage], sources: Sequence[ChannelSource], platform: str,
+    gateway: Any = None,
 ) -> list[ChangedArchive]:
     """The locked ``packages`` of ``platform`` whose channel record has another sha256 or md5.
 
@@ -74,7 +75,7 @@ def changed_archives(
     names = sorted({pkg.name for pkg in wanted.values()})
     subdirs: list[Any] = [platform, "noarch"]
     try:
-        result = run_rattler(rattler.Gateway().query(
+        result = run_rattler((gateway or rattler.Gateway()).query(
             [rattler.Channel(c.source) for c in sources], subdirs,
             [rattler.MatchSpec(name) for name in names], recursive=False,
         ))

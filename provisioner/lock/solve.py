@@ -138,12 +138,14 @@ def solve_platform(
     virtual_packages: VirtualPackages,
     constraints: Sequence[str] = (),
     preferred: Sequence[Any] = (),
+    gateway: Any = None,
 ) -> list[LockedPackage]:
     """Solve ``specs`` for one ``platform``; return lock entries sorted by name.
 
     ``constraints`` restrict versions without requiring packages (used to hold
     locked packages in place during ``lock --update``); ``preferred`` records
-    are kept where the specs still allow them.
+    are kept where the specs still allow them. A ``gateway`` (:func:`new_gateway`)
+    shared between calls reads each channel's metadata once.
     """
     import rattler
 
@@ -154,6 +156,7 @@ def solve_platform(
             rattler.solve(
                 sources=[rattler.Channel(c.source) for c in channels],
                 specs=match_specs,
+                gateway=gateway,
                 platforms=subdirs,
                 virtual_packages=_virtual_packages(virtual_packages),
                 constraints=_match_specs(constraints) if constraints else None,
@@ -183,6 +186,13 @@ def solve_platform(
         channel = by_source.get(str(record.channel).rstrip("/"))
         locked.append(record_to_locked(record, platform, channel))
     return sorted(locked, key=lambda p: p.name)
+
+
+def new_gateway() -> Any:
+    """A rattler ``Gateway``: it caches the repodata it reads, so share one per command."""
+    import rattler
+
+    return rattler.Gateway()
 
 
 def locked_to_record(pkg: LockedPackage, url: str, channel_url: str) -> Any:

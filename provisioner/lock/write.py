@@ -28,7 +28,6 @@ from provisioner.lock.check import (
 )
 from provisioner.lock.eol import lf_bytes, read_lf_bytes
 from provisioner.lock.lockfile import LockData, LockedPackage
-from provisioner.lock.pip_layer import lock_pip_layer
 from provisioner.lock.refresh import ChangedArchive, changed_archives
 from provisioner.lock.spec import EnvSpec, list_spec_keys, load_spec, spec_path
 from provisioner.progress import Phase, Progress, ProgressSink
@@ -96,9 +95,10 @@ def _solve_key(
     refreshed: list[ChangedArchive] | None = None,
     solving: Phase | None = None,
 ) -> LockData:
-    from provisioner.lock.solve import exact_constraint, solve_platform
+    from provisioner.lock.solve import exact_constraint, new_gateway, solve_platform
 
     sources = resolve_channels(spec.channels, config)
+    gateway = new_gateway()  # the refresh check and the solve read each channel once
     packages: list[LockedPackage] = []
     for platform in spec.platforms:
         locked_before = old.for_platform(platform, "conda") if old else []
@@ -107,7 +107,7 @@ def _solve_key(
         if update:
             constraints = [exact_constraint(p) for p in locked_before if p.name not in update]
         elif not update_all:
-            changed = changed_archives(locked_before, sources, platform)
+            changed = changed_archives(locked_before, sources, platform, gateway)
             if refreshed is not None:
                 refreshed += changed
             stale = {c.file_name for c in changed}
@@ -124,6 +124,7 @@ def _solve_key(
             virtual_packages=platform_virtual_packages(spec, platform),
             constraints=constraints,
             preferred=preferred,
+            gateway=gateway,
         )
         packages.extend(solved)
         if spec.pip_for(platform):
@@ -192,6 +193,8 @@ def _pip_entries(spec: EnvSpec, config: Config, old: LockData | None, platform: 
                 hint="lock once with the package index reachable",
             )
         return kept
+    from provisioner.lock.pip_layer import lock_pip_layer
+
     log.info("locking the pip layer of %s for %s with uv", spec.key, platform)
     return lock_pip_layer(
         key=spec.key,
