@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,13 +102,21 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_files(prefix: Path, *, deep: bool = False) -> CheckReport:
-    """Recorded files exist (and with ``deep``, match their recorded sha256)."""
+def check_files(prefix: Path, *, deep: bool = False,
+                on_total: Callable[[int], None] | None = None,
+                on_package: Callable[[], None] | None = None) -> CheckReport:
+    """Recorded files exist (and with ``deep``, match their recorded sha256).
+
+    ``on_total`` hears the number of packages, ``on_package`` each one checked.
+    """
     missing: list[str] = []
     altered: list[str] = []
     count = 0
     base = Path(os_path(prefix))  # recorded paths may pass 260 characters on Windows
-    for name, rec in sorted(_records(prefix).items()):
+    records = sorted(_records(prefix).items())
+    if on_total is not None:
+        on_total(len(records))
+    for name, rec in records:
         paths = rec.get("paths_data")
         entries = paths.get("paths", []) if isinstance(paths, dict) else []
         for entry in entries:
@@ -124,6 +132,8 @@ def check_files(prefix: Path, *, deep: bool = False) -> CheckReport:
             expected = entry.get("sha256_in_prefix") or entry.get("sha256")
             if isinstance(expected, str) and _file_sha256(path) != expected:
                 altered.append(f"{name}: {entry['_path']}")
+        if on_package is not None:
+            on_package()
     problems = [f"missing file {m}" for m in missing] + [f"altered file {a}" for a in altered]
     return CheckReport(
         tuple(problems), count, {"missing": missing, "altered": altered, "deep": deep}

@@ -40,6 +40,7 @@ from provisioner.errors import LockTimeoutError, ProvisionerError, UserError
 from provisioner.keys import validate_env_key
 from provisioner.lock.check import lockfile_path
 from provisioner.lock.platforms import host_platform
+from provisioner.progress import Progress, ProgressSink
 
 # How many missing or altered files a problem line names before summarising.
 _EXAMPLES = 3
@@ -98,7 +99,8 @@ def _summarise(what: str, items: list[str]) -> str:
     return f"{len(items)} {what}: {shown}{more}"
 
 
-def verify_env(config: Config, key: str, *, deep: bool = False) -> VerifyReport:
+def verify_env(config: Config, key: str, *, deep: bool = False,
+               progress: ProgressSink | None = None) -> VerifyReport:
     """Check ``key``'s active generation against its current lock; takes no lock.
 
     The fingerprint must name the lock's content hash for this host's platform,
@@ -145,7 +147,9 @@ def verify_env(config: Config, key: str, *, deep: bool = False) -> VerifyReport:
     records = check_records(prefix, lock.for_platform(platform, "conda"))
     problems.extend(records.problems)
 
-    files = check_files(prefix, deep=deep)
+    with Progress(progress, key).running("verify", unit="packages") as checking:
+        files = check_files(prefix, deep=deep, on_total=checking.set_total,
+                            on_package=checking.advance)
     missing = [str(m) for m in _as_list(files.details.get("missing"))]
     altered = [str(a) for a in _as_list(files.details.get("altered"))]
     if missing:

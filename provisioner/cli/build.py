@@ -85,8 +85,9 @@ def verify_cmd(
     from provisioner.build.repair import repair_env
 
     deep = deep or repair
-    report = (repair_env(make_config(ctx, project), key) if repair
-              else verify_env(make_config(ctx, project), key, deep=deep))
+    with progress_sink(ctx) as progress:
+        report = (repair_env(make_config(ctx, project), key) if repair
+                  else verify_env(make_config(ctx, project), key, deep=deep, progress=progress))
     if as_json:
         emit_json(report.to_dict())
     elif report.ok:

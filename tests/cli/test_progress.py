@@ -98,6 +98,11 @@ def test_one_line_per_phase_in_order(project: dict[str, Any], env: dict[str, str
     # A reuse has no long phases, so it says nothing.
     again = run(["ensure", CPU, "--home", str(tmp_path / "h")], project["path"], env)
     assert again.returncode == 0 and phase_lines(again.stderr) == []
+    # verify --deep hashes every file: its own verify phase, counted in packages.
+    deep = run(["verify", CPU, "--deep", "--home", str(tmp_path / "h")], project["path"], env)
+    assert deep.returncode == 0, deep.stderr
+    [(phase, key, body)] = phase_lines(deep.stderr)
+    assert (phase, key) == ("verify", CPU) and body.startswith("5/5 packages in ")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the sample pip layer is POSIX-only here")
