@@ -15,11 +15,12 @@ It runs after the generations were collected, and only while it holds every
 key's lock (taken without waiting) and the cache's exclusive lock: a build holds
 its key's lock from its plan to its pointer switch, and the cache's shared lock
 while rattler links, so no running build loses an archive or an entry it is
-about to use. A build that starts meanwhile waits for these locks; one whose key
-had no lock file yet and that reuses an archive collected here fails cleanly on
-the missing file and succeeds when run again (rattler extracts entries again
-from the archives). A record that cannot be read stops the collection of unused
-entries: what it names is unknown, so nothing is called unused.
+about to use. A build that starts meanwhile waits for these locks. The one gap: the
+first build of a key that has no lock file yet, started while this runs, may find
+an archive gone that it had just found present; it fails on the missing file and
+succeeds when run again (entries are extracted again from the archives). A record
+that cannot be read stops the collection of unused entries: what it names is
+unknown, so nothing is called unused.
 
 Bytes freed count each inode once, and only when every one of its links is
 removed: a file still hardlinked into an env (or anywhere else) frees nothing.

@@ -57,9 +57,6 @@ def _reporter() -> Any:
         def on_link_complete(self, index: int) -> None:
             _say(f"{PROGRESS} linked")
 
-        def on_transaction_operation_complete(self, operation: int) -> None:
-            _say(f"{PROGRESS} advance")
-
     return _Reporter()  # type: ignore[abstract]
 
 
