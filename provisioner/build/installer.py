@@ -17,6 +17,7 @@ While the child runs, the parent holds the package cache's shared lock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ from provisioner.errors import BuildError
 from provisioner.progress import Progress
 
 _SHOWN_LINES = 5
+_tools_log = logging.getLogger("provisioner.tools")  # shown at -vv
 
 
 def request_for(artifacts: Sequence[VerifiedArtifact], target: Path, final: Path,
@@ -80,6 +82,8 @@ class _InstallPhases:
             return
         if rest.startswith("start "):
             total = int(rest.split()[1])
+            _tools_log.debug("rattler: %s: transaction of %d operation(s)",
+                             self.progress.subject, total)
             self.extract.set_total(total)
             self.link.set_total(total)
             self.extract.set_note(f"{total - self.cached} unpacked, {self.cached} already cached")
@@ -90,6 +94,8 @@ class _InstallPhases:
                 self.extract.end()
         elif rest == "linked":
             self.link.advance()
+            _tools_log.debug("rattler: %s: package %d/%s linked", self.progress.subject,
+                             self.link.done, self.link.total)
 
     def finish(self, ok: bool) -> None:
         self.extract.end(ok)
