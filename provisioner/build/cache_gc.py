@@ -22,6 +22,9 @@ succeeds when run again (entries are extracted again from the archives). A recor
 that cannot be read stops the collection of unused entries: what it names is
 unknown, so nothing is called unused.
 
+On Windows the cache has no exclusive lock (:func:`package_cache.cache_lock`), so
+nothing in it is removed there, and the report says why.
+
 Bytes freed count each inode once, and only when every one of its links is
 removed: a file still hardlinked into an env (or anywhere else) frees nothing.
 """
