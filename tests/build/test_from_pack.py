@@ -7,8 +7,6 @@ in a network namespace with no network at all.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
 import shutil
@@ -16,13 +14,11 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
+from servers import S3_KEY, S3_SECRET, s3_server, static_server
 
 from provisioner.build.layout import HomeLayout
 from provisioner.build.pack import MANIFEST, make_pack, write_tar
@@ -324,27 +320,6 @@ def test_a_dry_run_checks_the_pack_and_writes_nothing(project: SampleProject,
     assert not home.exists()
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.paths.append(self.path)  # type: ignore[attr-defined]
-
-
-@contextlib.contextmanager
-def static_server(directory: Path) -> Iterator[tuple[str, list[str]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(_Quiet, directory=str(directory)))
-    server.paths = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield (f"http://127.0.0.1:{server.server_address[1]}",
-               server.paths)  # type: ignore[attr-defined]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 def test_ensure_from_a_pack_on_a_web_server(project: SampleProject, packs: dict[str, Path],
                                             tmp_path: Path) -> None:
     where = node(project, tmp_path)
@@ -369,31 +344,16 @@ def test_ensure_from_a_pack_on_a_web_server(project: SampleProject, packs: dict[
 @pytest.fixture
 def s3_bucket(packs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
               tmp_path: Path) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 whose bucket ``fleet`` holds the CUDA pack; no AWS
-    setting of this machine leaks in."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
+    """An S3 server whose bucket ``fleet`` holds the CUDA pack; no AWS setting of this
+    machine leaks in."""
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "AWS_DEFAULT_REGION", "AWS_REGION"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="k", aws_secret_access_key="s")
-        client.create_bucket(Bucket="fleet")
-        client.upload_file(str(packs[CU]), "fleet", f"packs/{packs[CU].name}")
+    with s3_server({"fleet": {f"packs/{packs[CU].name}": packs[CU]}}) as endpoint:
         yield endpoint
-    finally:
-        server.stop()
 
 
 def test_ensure_from_a_pack_in_an_s3_bucket(project: SampleProject, packs: dict[str, Path],
@@ -409,8 +369,8 @@ def test_ensure_from_a_pack_in_an_s3_bucket(project: SampleProject, packs: dict[
     assert "credentials" in line
     nothing_promoted(tmp_path / "h0", CU)
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
     home = tmp_path / "home"
     result = cli(["ensure", CU, "--from", url, "--home", str(home), "--json"], where)
     assert result.returncode == 0, result.stderr

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import shutil
-import threading
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
+from servers import static_server
 
 from provisioner.build.ensure import ensure
 from provisioner.build.maintenance import verify_env
@@ -31,27 +26,6 @@ CU = "sample-cu121-transformers-bnb"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> SampleProject:
     return create_sample_project(tmp_path_factory.mktemp("mirror") / "sp")
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.paths.append(self.path)  # type: ignore[attr-defined]
-
-
-@contextlib.contextmanager
-def static_server(directory: Path) -> Iterator[tuple[str, list[str]]]:
-    """A plain static file server on 127.0.0.1 (what any web host or CDN does)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(_Handler, directory=str(directory)))
-    server.paths = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", server.paths  # type: ignore[attr-defined]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def node(project: SampleProject, tmp_path: Path, toml: str) -> Path:

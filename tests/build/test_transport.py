@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from servers import S3_KEY, S3_SECRET, s3_server
 
 from provisioner.build import transport
 from provisioner.build.ensure import ensure
@@ -317,34 +317,14 @@ def test_wrong_or_no_token_is_one_line_naming_the_channel(
 # -- an s3:// mirror on a local S3 server ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def s3(project: SampleProject) -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 whose bucket ``chan`` holds the channel under ``sample/``."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="test-key", aws_secret_access_key="test-secret")
-        client.create_bucket(Bucket="chan")
-        channel = project.path / "channel"
-        for file in channel.rglob("*"):
-            if file.is_file():
-                client.upload_file(str(file), "chan",
-                                   f"sample/{file.relative_to(channel).as_posix()}")
+    channel = project.path / "channel"
+    files = {f"sample/{f.relative_to(channel).as_posix()}": f
+             for f in channel.rglob("*") if f.is_file()}
+    with s3_server({"chan": files}) as endpoint:
         yield endpoint
-    finally:
-        server.stop()
 
 
 def s3_toml(endpoint: str) -> str:
@@ -355,8 +335,8 @@ def s3_toml(endpoint: str) -> str:
 
 def test_s3_mirror_builds_with_aws_credentials(project: SampleProject, tmp_path: Path, s3: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
     copy = project_with_mirror(project, tmp_path, s3_toml(s3))
     config = load_config(copy, home=tmp_path / "home", environ={})
     result = ensure(config, CPU)
