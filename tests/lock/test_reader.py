@@ -6,6 +6,7 @@ parser and with :mod:`provisioner.lock.reader`, and the two must agree entry by 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -172,4 +173,15 @@ def test_no_conda_lock_import(built_project: dict[str, Any], args: list[str]) ->
     )
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode in (0, 1), result.stderr
+    assert "CONDA_LOCK_MODULES=0" in result.stderr, result.stderr
+
+
+def test_no_conda_lock_import_on_a_build(built_project: dict[str, Any], tmp_path: Path) -> None:
+    """A build (fresh home, nothing cached) reads its lock without conda-lock too."""
+    env = {**built_project["env"], "PROVISIONER_HOME": str(tmp_path / "fresh-home")}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, "ensure", CPU, "--project", str(built_project["project"]),
+         "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["action"] == "build"
     assert "CONDA_LOCK_MODULES=0" in result.stderr, result.stderr
