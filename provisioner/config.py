@@ -27,6 +27,7 @@ Example ``provisioner.toml``::
     env-files = 2000000
     max-ratio = 1000                    # unpacked / archive size (bz2 bombs)
     link-scripts = "refuse"             # or "skip": install, never run them
+    import-check = "memo"               # or "always": import the spec's modules every build
 
     [legacy]
     root = "environments"
@@ -178,6 +179,7 @@ class Config:
     package_limits: PackageLimits = PackageLimits()
     gc_keep: int = 1
     fetch_timeout: float = 120.0
+    import_check: str = "memo"
     s3_options: Mapping[str, S3Options] = field(default_factory=dict)
 
     @property
@@ -339,6 +341,10 @@ def load_config(
     fetch_timeout = _fetch_timeout(env.get("PROVISIONER_FETCH_TIMEOUT")
                                    or build_raw.get("fetch-timeout", 120.0))
 
+    import_check = build_raw.get("import-check", "memo")
+    if import_check not in ("memo", "always"):
+        raise SpecError(f"{CONFIG_FILE_NAME}: build.import-check must be memo or always")
+
     gc_raw = data.get("gc", {})
     gc_keep = gc_raw.get("keep", 1) if isinstance(gc_raw, dict) else None
     if not isinstance(gc_keep, int) or isinstance(gc_keep, bool) or not 0 <= gc_keep <= 1000:
@@ -360,5 +366,6 @@ def load_config(
         package_limits=_limits(build_raw),
         gc_keep=gc_keep,
         fetch_timeout=fetch_timeout,
+        import_check=import_check,
         s3_options=_s3_options(data.get("s3-options", {})),
     )

@@ -325,3 +325,11 @@ def test_build_limits(tmp_path: Path) -> None:
 ])
 def test_bad_build_limits(tmp_path: Path, toml: str, what: str) -> None:
     assert what in _error(_project(tmp_path, toml)).message
+
+
+def test_import_check_mode(tmp_path: Path) -> None:
+    assert load_config(_project(tmp_path), environ=NO_ENV).import_check == "memo"
+    always = _project(tmp_path / "a", '[build]\nimport-check = "always"\n')
+    assert load_config(always, environ=NO_ENV).import_check == "always"
+    bad = _project(tmp_path / "b", '[build]\nimport-check = "never"\n')
+    assert "import-check must be memo or always" in str(_error(bad))

@@ -25,8 +25,6 @@ from provisioner.build import orphans, trash
 from provisioner.build.backends import choose_backend
 from provisioner.build.cuda import CudaCheck
 from provisioner.build.env_checks import (
-    IMPORT_TIMEOUT_ENV,
-    check_imports,
     check_python_prefix,
     check_records,
     find_staging_path,
@@ -44,6 +42,7 @@ from provisioner.build.home_checks import (
     environment_problem,
     heal_pointer,
 )
+from provisioner.build.import_memo import ImportCheck, import_check
 from provisioner.build.interrupts import interruptible
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, python_path
@@ -52,7 +51,6 @@ from provisioner.config import Config
 from provisioner.errors import (
     BuildError,
     CudaMismatchError,
-    ImportCheckError,
     IntegrityError,
     ProvisionerError,
 )
@@ -294,7 +292,11 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
                 layer.advance(_install_pip(config, plan, site, py_version, vps, wheels))
         fault_point("after-pip")
         with progress.running("verify", total=3, unit="checks") as checks:
-            _verify_stage(target, final, packages, spec.imports, site, plan, checks)
+            imports = import_check(
+                layout.package_cache, imports=spec.imports, platform=plan.platform,
+                packages=[*packages, *lock.for_platform(plan.platform, "pip")],
+                backend=f"{backend.name} {backend.version()}", mode=config.import_check)
+            imported = _verify_stage(target, final, packages, imports, site, plan, checks)
         # Nothing a package's import started may still write into the env once it is sealed.
         orphans.stop_build_processes(target)
         fault_point("before-fingerprint")
@@ -320,6 +322,8 @@ def _build(config: Config, layout: HomeLayout, plan: EnsurePlan, opts: EnsureOpt
     previous = plan.active_generation
     fsops.replace_pointer(layout.pointer(plan.key), plan.generation)
     _check_promoted(layout, plan, spec.imports, previous)
+    if imported:
+        imports.record(plan.key)
     if one_copy:
         downloads.drop_downloaded_archives(artifacts, layout.package_cache, config.package_limits)
     log.info("%s is ready at %s", plan.key, final)
@@ -341,7 +345,7 @@ def _install_pip(config: Config, plan: EnsurePlan, site: Path, py_version: str,
 
 
 def _verify_stage(target: Path, final: Path, packages: Sequence[LockedPackage],
-                  imports: tuple[str, ...], site: Path, plan: EnsurePlan, checks: Phase) -> None:
+                  imports: ImportCheck, site: Path, plan: EnsurePlan, checks: Phase) -> bool:
     records = check_records(target, packages)
     if not records.ok:
         raise BuildError(f"{plan.key}: installed env does not match the lock: "
@@ -353,17 +357,9 @@ def _verify_stage(target: Path, final: Path, packages: Sequence[LockedPackage],
             raise BuildError(f"{plan.key}: {len(leaked)} file(s) still name the staging path, "
                              f"e.g. {leaked[0]}", hint="the package may not be relocatable")
     checks.advance()
-    report = check_imports(python_path(target, plan.platform), imports, extra_path=site)
-    if report.details.get("timed_out"):
-        raise ImportCheckError(
-            f"{plan.key}: the import check timed out ({', '.join(imports)}); nothing was promoted",
-            hint=f"a module's import hangs; fix it, or raise {IMPORT_TIMEOUT_ENV} (seconds)")
-    if not report.ok:
-        raise ImportCheckError(
-            f"{plan.key}: the built env fails its import check: " + "; ".join(report.problems),
-            hint="nothing was promoted; fix the spec's packages or its x-provisioner imports, "
-                 "then relock")
+    imported = imports.run(python_path(target, plan.platform), target, site, plan.key)
     checks.advance()
+    return imported
 
 
 def _promote(config: Config, target: Path, final: Path) -> None:

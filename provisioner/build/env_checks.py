@@ -29,7 +29,7 @@ from provisioner.paths import os_path
 IMPORT_TIMEOUT_S = 300.0
 IMPORT_TIMEOUT_ENV = "PROVISIONER_IMPORT_TIMEOUT"
 PREFIX_TIMEOUT_S = 60.0
-_IMPORT_PROBE = (
+IMPORT_PROBE = (
     "import importlib, json, sys\n"
     "out = {}\n"
     "for name in sys.argv[1:]:\n"
@@ -102,11 +102,12 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_files(prefix: Path, *, deep: bool = False,
+def check_files(prefix: Path, *, deep: bool = False, sizes: bool = False,
                 on_total: Callable[[int], None] | None = None,
                 on_package: Callable[[], None] | None = None) -> CheckReport:
     """Recorded files exist (and with ``deep``, match their recorded sha256).
 
+    With ``sizes``, files linked unpatched also have their recorded size.
     ``on_total`` hears the number of packages, ``on_package`` each one checked.
     """
     missing: list[str] = []
@@ -127,6 +128,9 @@ def check_files(prefix: Path, *, deep: bool = False,
             if not os.path.lexists(path):
                 missing.append(f"{name}: {entry['_path']}")
                 continue
+            if sizes and _size_differs(path, entry):
+                altered.append(f"{name}: {entry['_path']}")
+                continue
             if not deep or entry.get("path_type") == "softlink" or path.is_symlink():
                 continue
             expected = entry.get("sha256_in_prefix") or entry.get("sha256")
@@ -138,6 +142,17 @@ def check_files(prefix: Path, *, deep: bool = False,
     return CheckReport(
         tuple(problems), count, {"missing": missing, "altered": altered, "deep": deep}
     )
+
+
+def _size_differs(path: Path, entry: dict[str, object]) -> bool:
+    expected = entry.get("size_in_bytes")
+    if (not isinstance(expected, int) or entry.get("path_type", "hardlink") != "hardlink"
+            or entry.get("prefix_placeholder")):  # patched at install: another size
+        return False
+    try:
+        return os.lstat(path).st_size != expected
+    except OSError:
+        return True
 
 
 def import_timeout() -> float:
@@ -178,7 +193,7 @@ def check_imports(
         return CheckReport((f"interpreter {python} does not exist",))
     limit = import_timeout() if timeout is None else timeout
     result = processes.run(
-        [str(python), "-c", _IMPORT_PROBE, *imports], timeout=limit, env=_python_env(extra_path)
+        [str(python), "-c", IMPORT_PROBE, *imports], timeout=limit, env=_python_env(extra_path)
     )
     if not result.ok:
         why = f"timed out after {limit:g} s" if result.timed_out else (

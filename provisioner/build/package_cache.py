@@ -148,6 +148,11 @@ def discard_damaged_entries(checked: Sequence[CheckedPackage], cache_dir: Path) 
         fsops.safe_rmtree(entry, require_marker=False)
         fsops.remove_file(cache_dir / f"{stem}.lock")
         dropped.append(stem)
+    if dropped:  # an import check passed with the old bytes says nothing about the new ones
+        from provisioner.build.import_memo import forget_packages
+
+        forget_packages(cache_dir, [c.artifact.package.sha256 for c in checked
+                                    if _stem(c) in dropped and c.artifact.package.sha256])
     return dropped
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import fsops
+from provisioner.build.import_memo import forget_packages
 from provisioner.build.key_lock import hold_key_lock
 from provisioner.build.layout import HomeLayout, read_pointer
 from provisioner.build.maintenance import VerifyReport, verify_env
@@ -135,6 +136,9 @@ def repair_env(config: Config, key: str) -> VerifyReport:
             return report
         prefix = layout.generation_dir(key, generation)
         records = _records(prefix)
+        # Damaged files: whatever import check those packages passed before is void.
+        names = {item.partition(": ")[0] for item in damaged} & set(records)
+        forget_packages(layout.package_cache, [str(records[n].get("sha256")) for n in names])
         for item in sorted(damaged):
             name, _sep, path = item.partition(": ")
             record = records.get(name)

@@ -31,19 +31,21 @@ from provisioner.errors import EXIT_CHECK_FAILED
               help="Build from a pack (a path, https:// or s3:// URL) and nothing else.")
 @click.option("--use-pack-lock", is_flag=True,
               help="With --from: build the pack's own lock when it differs from the project's.")
+@click.option("--recheck", is_flag=True,
+              help="Run the import check even if this package set passed it before.")
 @json_option
 @click.pass_context
 def ensure_cmd(
     ctx: click.Context, key: str, project: Path | None, dry_run: bool, backend: str | None,
     lock_timeout: float | None, allow_cuda_mismatch: bool, pack: str | None,
-    use_pack_lock: bool, as_json: bool,
+    use_pack_lock: bool, recheck: bool, as_json: bool,
 ) -> None:
     """Build KEY's env from its lock (or reuse it) and print its python."""
     from provisioner.build.ensure import EnsureOptions, ensure
 
     if use_pack_lock and pack is None:
         raise click.UsageError("--use-pack-lock needs --from PACK")
-    config = make_config(ctx, project)
+    config = make_config(ctx, project).with_overrides(import_check="always" if recheck else None)
     with progress_sink(ctx) as progress:
         opts = EnsureOptions(dry_run=dry_run, backend=backend, lock_timeout=lock_timeout,
                              allow_cuda_mismatch=allow_cuda_mismatch, progress=progress)
