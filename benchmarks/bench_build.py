@@ -490,11 +490,14 @@ def whole_process(root: Path, project: Path, warm: Config, prefix_a: Path, repea
     t: dict[str, list[float]] = defaultdict(list)
     say("")
     say(f"whole process, n={n}, interleaved (load {_load()}) ...")
+    order = ("ensure", "recheck", "bare")
     for i in range(n):
-        for which in (("ensure", "bare") if i % 2 == 0 else ("bare", "ensure")):
-            if which == "ensure":
+        for which in order[i % 3:] + order[:i % 3]:
+            if which in ("ensure", "recheck"):  # recheck: the import check every time (no memo)
                 reset_env(warm, KEY_A, prefix_a)
-                t["warm"].append(run_timed(ensure, env=env, cwd=project)[0])
+                argv = ensure if which == "ensure" else [*ensure, "--recheck"]
+                t["warm" if which == "ensure" else "warm_recheck"].append(
+                    run_timed(argv, env=env, cwd=project)[0])
             else:
                 t["warm_bare"].append(bare(root / f"wp-bare-{i}", cache))
         if os.name == "posix":
@@ -513,10 +516,12 @@ def whole_process(root: Path, project: Path, warm: Config, prefix_a: Path, repea
                 t["cold_bare"].append(bare(root / f"wp-cold-bare-{i}", root / f"wp-cache-{i}"))
                 drop(root / f"wp-cache-{i}")
     warm_r, warm_pairs = ratio(t["warm"], t["warm_bare"])
+    recheck_r, recheck_pairs = ratio(t["warm_recheck"], t["warm_bare"])
     cold_r, cold_pairs = ratio(t["cold"], t["cold_bare"])
     say(f"{'measurement (whole process)':44} median [min\u2013max]")
     say("-" * 90)
     say(f"{'warm ensure (build, warm package cache)':44} {spread(t['warm'])}")
+    say(f"{'warm ensure --recheck (no import memo)':44} {spread(t['warm_recheck'])}")
     say(f"{'bare rattler install child, same cache':44} {spread(t['warm_bare'])}")
     say(f"{'cp -al of the finished prefix':44} {spread(t['cp'])}")
     say(f"{'cold ensure (fresh home, file channel)':44} {spread(t['cold'])}")
@@ -524,6 +529,8 @@ def whole_process(root: Path, project: Path, warm: Config, prefix_a: Path, repea
     say(f"{'reuse ensure (ready env)':44} {spread(t['reuse'], digits=3)}")
     say(f"  warm ensure / bare install  {warm_r:.2f}x {warm_pairs} (paired)  target <= "
         f"{TARGET_WARM_RATIO}x  {verdict(warm_r <= TARGET_WARM_RATIO)}")
+    say(f"  warm --recheck / bare install  {recheck_r:.2f}x {recheck_pairs} (paired)  "
+        "before the import memo")
     say(f"  cold ensure / bare install  {cold_r:.2f}x {cold_pairs} (paired)  context "
         f"(load {_load()})")
 

@@ -308,6 +308,8 @@ def report(res: dict[str, Any], args: argparse.Namespace, records: list[dict[str
         ("lock / bare rattler solve", "lock", "solve", "lock"),
         ("cold ensure / bare rattler install (HTTP, empty cache)", "cold", "cold_bare", "cold"),
         ("warm ensure / bare rattler install (same cache)", "warm", "warm_bare", "warm"),
+        ("warm ensure --recheck (no import memo) / bare install", "warm_recheck", "warm_bare",
+         "warm"),
         (f"herd of {args.herd} / one ensure (env missing, warm cache)", "herd", "herd_one",
          "herd"),
     ]

@@ -34,7 +34,8 @@ def run_all(root: Path, project: Path, url: str, args: argparse.Namespace,
     cli = cli_argv()
     n = args.repeats
     res: dict[str, Any] = {k: [] for k in (
-        "lock", "solve", "cold", "cold_bare", "warm", "warm_bare", "cp", "reuse", "verify",
+        "lock", "solve", "cold", "cold_bare", "warm", "warm_bare", "warm_recheck", "cp", "reuse",
+        "verify",
         "deep", "herd", "herd_one")}
     res["load_before"] = load()
     recs_json = root / "records.json"
@@ -78,11 +79,14 @@ def run_all(root: Path, project: Path, url: str, args: argparse.Namespace,
     cache = HomeLayout(home).package_cache
     bare_install(root / "bare-warmup", cache)
     drop(root / "bare-warmup")
+    order = ("ensure", "recheck", "bare")
     for i in range(n):
-        for which in _orders(i, "ensure", "bare"):
-            if which == "ensure":
+        for which in order[i % 3:] + order[:i % 3]:
+            if which in ("ensure", "recheck"):  # recheck: the import check every time (no memo)
                 reset_env(home, KEY_A)
-                res["warm"].append(run_timed(ensure, env=env, cwd=project)[0])
+                argv = ensure if which == "ensure" else [*ensure, "--recheck"]
+                res["warm" if which == "ensure" else "warm_recheck"].append(
+                    run_timed(argv, env=env, cwd=project)[0])
             else:
                 res["warm_bare"].append(bare_install(root / f"warm-bare-{i}", cache))
                 drop(root / f"warm-bare-{i}")
