@@ -138,7 +138,11 @@ class ImportCheck:
             for old in sorted(entries, key=lambda d: str(entries[d].get("at")))[
                     :len(entries) - MAX_ENTRIES]:
                 del entries[old]
-        _write(self.cache_dir, entries)
+        try:
+            _write(self.cache_dir, entries)
+        except OSError as exc:  # the env is ready; a lost memo only costs a check next time
+            log.warning("could not record the import check in %s: %s",
+                        memo_path(self.cache_dir), exc)
 
 
 def import_check(cache_dir: Path, *, packages: Sequence[LockedPackage], platform: str,

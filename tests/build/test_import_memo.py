@@ -292,3 +292,17 @@ def test_cli_recheck_runs_the_check_again(project: SampleProject, tmp_path: Path
         assert done.returncode == 0, done.stderr
         outputs.append(done.stderr)
     assert [HIT in text for text in outputs] == [False, True, False]
+
+
+def test_a_memo_that_cannot_be_written_never_fails_the_build(
+        project: SampleProject, tmp_path: Path, spy: Spy, logs: pytest.LogCaptureFixture) -> None:
+    config = config_for(project.path, tmp_path)
+    path = import_memo.memo_path(HomeLayout(config.home).package_cache)
+    path.mkdir(parents=True)  # a dir where the memo file belongs: not ours, and not writable
+    for _attempt in range(2):
+        spy.clear()
+        result = ensure(config, CPU)
+        assert result.action == "build" and spy.probes == 1
+        assert "could not record the import check" in logs.text
+        assert path.is_dir()
+        delete_env(config, CPU)
