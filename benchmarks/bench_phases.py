@@ -53,6 +53,7 @@ PHASES = {
     "checks": [("provisioner.build.ensure", "check_records"),
                ("provisioner.build.ensure", "find_staging_path"),
                ("provisioner.build.ensure", "check_imports"),
+               ("provisioner.build.import_memo", "ImportCheck.run"),  # memo, or the check
                ("provisioner.build.orphans", "stop_build_processes"),
                ("provisioner.build.ensure", "_check_promoted")],
     "promote": [("provisioner.build.ensure", "_promote")],
