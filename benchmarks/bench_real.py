@@ -36,6 +36,7 @@ and envs live under a temp dir that is removed at the end (``--keep`` keeps it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import stat
@@ -136,9 +137,12 @@ def build_channel(files: list[Path], channel: Path) -> dict[str, Any]:
         if c.name in swap:
             alt = convert_wheel(f, channel, subdir, xy, known, tag=1)
             swaps.append((c.name, c.build, alt.build, alt.path))
-    add_sample_python(channel, subdir)
+    python = add_sample_python(channel, subdir)
     stamp = channel / ".indexed"
     names = "\n".join(sorted(p.name for p in channel.glob("*/*.conda"))) + "\n"
+    # The sample python is a launcher for the interpreter running this (another checkout's
+    # venv makes other bytes): its sha256 is in the stamp, so the index follows it.
+    names += hashlib.sha256(python.read_bytes()).hexdigest() + "\n"
     if not stamp.is_file() or stamp.read_text(encoding="utf-8") != names:
         index_channel(channel)
         stamp.write_text(names, encoding="utf-8")
