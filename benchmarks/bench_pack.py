@@ -4,6 +4,9 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_pack.py [--packages 150] [--files 40] [--file-size 4096]
                                               [--repeat 5] [--nodes 8]
+    .venv/bin/python benchmarks/bench_pack.py --real quick|full [--repeat 3] [--nodes 8] [--yes]
+
+``--real`` measures on bench_real's real-size channel instead (``bench_pack_real``).
 
 Offline, in a temporary project (``bench_build.make_project``'s synthetic channel
 plus the sample python). Each build is a whole ``provisioner ensure`` process in
@@ -87,7 +90,20 @@ def main() -> None:
     parser.add_argument("--file-size", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--real", choices=("quick", "full"), default=None,
+                        help="bench_real's real-size channel (see bench_pack_real.py)")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path.home() / ".cache" / "provisioner-bench")
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--bandwidth-mb", type=float, default=200.0, help="MB/s, shared")
+    parser.add_argument("--yes", action="store_true",
+                        help="with --real: download and build the channel if it is missing")
     args = parser.parse_args()
+    if args.real:
+        from bench_pack_real import run_real
+
+        run_real(args)
+        return
     root = Path(tempfile.mkdtemp(prefix="bench-pack-"))
     try:
         project, counts = make_project(root, args.packages, args.files, args.file_size)
