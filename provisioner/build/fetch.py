@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import fsops
+from provisioner.build.transport import BACKOFF_S, NETWORK_HINT, RETRIES
 from provisioner.config import Config
 from provisioner.errors import FetchError, IntegrityError
 from provisioner.lock.lockfile import LockedPackage
@@ -51,10 +52,7 @@ from provisioner.lock.lockfile import LockedPackage
 log = logging.getLogger(__name__)
 
 WORKERS = 4
-RETRIES = 3
-BACKOFF_S = 0.25  # first wait; doubles per retry
 _CHUNK = 1 << 20
-_HINT = "check the network or proxy, or point the channel at a local mirror in provisioner.toml"
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,7 @@ def _what(pkg: LockedPackage) -> str:
 
 def _fetch_error(job: FetchJob, why: str) -> FetchError:
     return FetchError(f"could not download {_what(job.package)} from {job.url}: {why}",
-                      hint=_HINT)
+                      hint=NETWORK_HINT)
 
 
 class _Download:

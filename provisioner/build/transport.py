@@ -52,12 +52,14 @@ from provisioner.errors import FetchError
 
 log = logging.getLogger(__name__)
 
+# The one retry policy for downloads (build.fetch uses it too).
 RETRIES = 3
 BACKOFF_S = 0.25  # first wait; doubles per retry
 SCHEMES = ("file", "http", "https", "s3")
 _CHUNK = 1 << 20
 _WATCH_S = 0.05
-_HINT = "check the network or proxy, or point the channel at a local mirror in provisioner.toml"
+NETWORK_HINT = ("check the network or proxy, or point the channel at a local mirror in "
+                "provisioner.toml")
 AUTH_HINT = ("store a token for the host in rattler's authentication storage "
              "(RATTLER_AUTH_FILE, ~/.rattler/credentials.json or the keyring)")
 S3_HINT = ("give AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an "
@@ -77,7 +79,7 @@ class TransportError(FetchError):
 
     def __init__(self, url: str, why: str, *, status: int | None = None,
                  needs_credentials: bool = False, hint: str | None = None) -> None:
-        super().__init__(f"could not download {redact(url)}: {why}", hint=hint or _HINT)
+        super().__init__(f"could not download {redact(url)}: {why}", hint=hint or NETWORK_HINT)
         self.url = url
         self.why = why
         self.status = status
