@@ -24,10 +24,7 @@ import statistics
 import sys
 import tarfile
 import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 from bench_real import (
     CHANNEL,
@@ -44,9 +41,16 @@ from bench_real import (
     write_project,
 )
 from wheel_conda import CONVERTER_VERSION, serve_channel
-from wholeproc import BARE_INSTALL, child_env, cli_argv, load, lock_records, run_timed, spread
-
-from provisioner import processes
+from wholeproc import (
+    BARE_INSTALL,
+    child_env,
+    cli_argv,
+    load,
+    lock_records,
+    run_all,
+    run_timed,
+    spread,
+)
 
 
 def ready_channel(stack: str, cache: Path, yes: bool) -> Path | None:
@@ -71,27 +75,7 @@ def ready_channel(stack: str, cache: Path, yes: bool) -> Path | None:
 
 def run_many(argvs: list[list[str]], cwd: Path) -> float:
     """Start every argv at once; wall seconds until the last one ends (raise if one fails)."""
-    results: list[Any] = [None] * len(argvs)
-    gate = threading.Barrier(len(argvs) + 1)
-    env = child_env()
-
-    def one(i: int) -> None:
-        gate.wait()
-        results[i] = processes.run(argvs[i], timeout=3600, env=env, cwd=cwd)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(argvs))]
-    for t in threads:
-        t.start()
-    gate.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    took = time.perf_counter() - start
-    failed = [r for r in results if r is None or not r.ok]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(argvs)} nodes failed:\n"
-                           f"{failed[0].stderr[-3000:] if failed[0] else ''}")
-    return took
+    return run_all(argvs, env=child_env(), cwd=cwd)[0]
 
 
 def checkout(project: Path, node: Path, channel_url: str | None) -> Path:

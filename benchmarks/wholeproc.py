@@ -77,15 +77,16 @@ def run_timed(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None =
     return took, result
 
 
-def run_herd(argv: Sequence[str], n: int, *, env: Mapping[str, str], cwd: Path | None = None,
-             timeout: float = 3600) -> tuple[float, list[processes.ProcResult]]:
-    """Start ``n`` copies of ``argv`` at once; wall seconds until the last one ends."""
+def run_all(argvs: Sequence[Sequence[str]], *, env: Mapping[str, str], cwd: Path | None = None,
+            timeout: float = 3600) -> tuple[float, list[processes.ProcResult]]:
+    """Start every argv at once; wall seconds until the last one ends (raise if one fails)."""
+    n = len(argvs)
     results: list[processes.ProcResult | None] = [None] * n
     gate = threading.Barrier(n + 1)
 
     def one(i: int) -> None:
         gate.wait()
-        results[i] = processes.run(list(argv), timeout=timeout, env=env, cwd=cwd)
+        results[i] = processes.run(list(argvs[i]), timeout=timeout, env=env, cwd=cwd)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
@@ -98,9 +99,15 @@ def run_herd(argv: Sequence[str], n: int, *, env: Mapping[str, str], cwd: Path |
     done = [r for r in results if r is not None]
     failed = [r for r in done if not r.ok]
     if failed or len(done) != n:
-        raise RuntimeError(f"herd: {len(failed)} of {n} failed:\n{failed[0].stderr[-3000:]}"
-                           if failed else "herd: a child did not finish")
+        raise RuntimeError(f"{len(failed)} of {n} failed:\n{failed[0].stderr[-3000:]}"
+                           if failed else "a child did not finish")
     return took, done
+
+
+def run_herd(argv: Sequence[str], n: int, *, env: Mapping[str, str], cwd: Path | None = None,
+             timeout: float = 3600) -> tuple[float, list[processes.ProcResult]]:
+    """Start ``n`` copies of ``argv`` at once; wall seconds until the last one ends."""
+    return run_all([argv] * n, env=env, cwd=cwd, timeout=timeout)
 
 
 def spread(values: Sequence[float], unit: str = "s", digits: int = 2) -> str:
